@@ -71,7 +71,9 @@ ARCHS = {
     "llama": dict(template="llama3"),
 }
 
-_SYLLABLES = "ka lo mi ne su ta ri po ve da ze bu fi go ha ju ke li mo na pe qu ra si to um va we xi yo zo an el in on".split()
+_SYLLABLES = (
+    "ka lo mi ne su ta ri po ve da ze bu fi go ha ju ke li mo na pe qu ra si to um va we xi yo zo an el in on".split()
+)
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -88,7 +90,9 @@ def make_text(rng: random.Random, num_words: int) -> str:
     lex = _lexicon()
     words = []
     for _ in range(num_words):
-        word = lex[min(int(rng.paretovariate(0.7)) - 1, len(lex) - 1)] if rng.random() < 0.9 else str(rng.randint(0, 999))
+        word = (
+            lex[min(int(rng.paretovariate(0.7)) - 1, len(lex) - 1)] if rng.random() < 0.9 else str(rng.randint(0, 999))
+        )
         if rng.random() < 0.08:
             word += rng.choice([".", ",", "?", "!", ":", "\n"])
         if rng.random() < 0.05:
@@ -100,7 +104,9 @@ def make_text(rng: random.Random, num_words: int) -> str:
 def _corpus() -> list[str]:
     rng = random.Random(0)
     lex = list(_lexicon())
-    return [make_text(rng, rng.randint(5, 200)) for _ in range(4000)] + [" ".join(lex[i : i + 50]) for i in range(0, len(lex), 50)]
+    return [make_text(rng, rng.randint(5, 200)) for _ in range(4000)] + [
+        " ".join(lex[i : i + 50]) for i in range(0, len(lex), 50)
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,7 +220,9 @@ def main(
     arch: str = typer.Option("qwen2", help="Architecture: qwen2 (ChatML template) or llama (Llama-3 template)."),
     hidden_size: int = typer.Option(128, help="Hidden size."),
     num_hidden_layers: int = typer.Option(2, help="Number of decoder layers."),
-    conversations: int = typer.Option(0, help="Also write this many synthetic conversations to OUT_DIR/messages.jsonl."),
+    conversations: int = typer.Option(
+        0, help="Also write this many synthetic conversations to OUT_DIR/messages.jsonl."
+    ),
     seed: int = typer.Option(0, help="Seed for the weights and the conversations."),
 ):
     """Write a tiny model folder that loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained."""

@@ -1,0 +1,341 @@
+"""Turn a messages JSONL into a tokenized JSONL with exact assistant-only labels.
+
+    python process_data.py --input-file IN.jsonl --output-file OUT.jsonl --model-name-or-path TOKENIZER
+
+The label rule, for any prefix-stable chat template (no `{% generation %}` tags needed): assistant turn i owns
+the text from where `render(messages[:i], add_generation_prompt=True)` ends through the end of the first
+`eos_token` after that point. Its tokens (every token overlapping that span, as transformers maps generation
+spans) get `labels = input_ids`; every other token gets -100. A `pretrain` sample is `content + eos`, all
+labelled. Labels stay aligned with `input_ids`; the trainer does the shifting.
+
+Bad input stops with `IN.jsonl:LINE: what is wrong` and exit code 2, unless --skip-invalid is given, in which
+case the line is skipped and counted. The output is written to a temporary file and renamed at the end, so it is
+either complete or absent.
+"""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from utils import UserError, exit_on_user_error, fail
+
+ROLES = {"system", "user", "assistant", "tool", "pretrain"}
+CHUNK_LINES = 256  # lines per work unit: big enough to batch tokenization, small enough to balance processes
+
+
+class InvalidLine(Exception):
+    """A bad input line: `reason` is the counter key, the message the one-line explanation."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class FatalLine(Exception):
+    """A problem no --skip-invalid can work around (e.g. the tokenizer has no chat template)."""
+
+
+def parse_line(raw: bytes) -> list[dict]:
+    """Decode and validate one input line; return its messages or raise InvalidLine."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidLine("invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidLine("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InvalidLine("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" not in obj:
+        raise InvalidLine("missing_messages", "missing field 'messages'")
+    messages = obj["messages"]
+    if not isinstance(messages, list):
+        raise InvalidLine("bad_messages", f"field 'messages' must be a list, got {type(messages).__name__}")
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidLine("bad_messages", f"messages[{k}] must be an object, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidLine(
+                "unknown_role",
+                f"messages[{k}].role: unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})",
+            )
+        for field in ("content", "reasoning_content"):
+            if field == "reasoning_content" and field not in message:
+                continue
+            value = message.get(field)
+            if not isinstance(value, str):
+                got = type(value).__name__ if field in message else "nothing"
+                raise InvalidLine("bad_content", f"messages[{k}].{field} must be a string, got {got}")
+    if any(m["role"] == "pretrain" for m in messages) and len(messages) != 1:
+        raise InvalidLine("pretrain_mixed", "a 'pretrain' message must stand alone in its sample")
+    return messages
+
+
+def assistant_spans(tokenizer, messages: list[dict], full_text: str, prefixes: list[str]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant turn in full_text (see the module docstring)."""
+    eos = tokenizer.eos_token
+    spans = []
+    for turn, prefix in zip([i for i, m in enumerate(messages) if m["role"] == "assistant"], prefixes):
+        if not full_text.startswith(prefix):
+            raise InvalidLine(
+                "not_prefix_stable",
+                f"messages[{turn}]: the chat template is not prefix-stable here "
+                "(rendering the earlier messages with a generation prompt is not a prefix of the "
+                "whole conversation)",
+            )
+        end = full_text.find(eos, len(prefix))
+        if end < 0:
+            raise InvalidLine(
+                "no_end_of_turn", f"messages[{turn}]: no end-of-turn marker {eos!r} after the assistant turn"
+            )
+        spans.append((len(prefix), end + len(eos)))
+    return spans
+
+
+def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_tokens: int | None) -> list[tuple]:
+    """Tokenize one chunk of (line number, raw line). Returns per line one of:
+    ("ok", output_json_line, length, num_loss_counted_tokens), ("drop", reason), ("invalid", lineno, reason, msg)."""
+    import numpy as np
+
+    results: list[tuple] = [()] * len(chunk)
+    conversations, pretrains = [], []  # (position in chunk, messages)
+    for pos, (lineno, raw) in enumerate(chunk):
+        try:
+            messages = parse_line(raw)
+        except InvalidLine as e:
+            results[pos] = ("invalid", lineno, e.reason, str(e))
+            continue
+        if not messages:
+            results[pos] = ("drop", "no_loss_tokens")
+        elif messages[0]["role"] == "pretrain":
+            pretrains.append((pos, messages[0]["content"]))
+        else:
+            if tokenizer.chat_template is None:
+                raise FatalLine(
+                    f"{source}:{lineno}: the tokenizer has no chat template, so conversations cannot be "
+                    "rendered (only 'pretrain' samples can)"
+                )
+            conversations.append((pos, messages))
+
+    # Render whole conversations and, for each assistant turn, the prefix ending in a generation prompt.
+    full_texts = tokenizer.apply_chat_template([m for _, m in conversations], tokenize=False) if conversations else []
+    prefix_convs = [m[:i] for _, m in conversations for i, msg in enumerate(m) if msg["role"] == "assistant"]
+    prefix_texts = iter(
+        tokenizer.apply_chat_template(prefix_convs, tokenize=False, add_generation_prompt=True) if prefix_convs else []
+    )
+    texts, spans_of, positions = [], [], []
+    for (pos, messages), text in zip(conversations, full_texts):
+        prefixes = [next(prefix_texts) for m in messages if m["role"] == "assistant"]
+        try:
+            spans_of.append(assistant_spans(tokenizer, messages, text, prefixes))
+        except InvalidLine as e:
+            results[pos] = ("invalid", chunk[pos][0], e.reason, str(e))
+            continue
+        texts.append(text)
+        positions.append(pos)
+
+    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    samples = []  # (position, input_ids, labels)
+    for k, pos in enumerate(positions):
+        ids = np.asarray(encodings["input_ids"][k], dtype=np.int64)
+        offsets = np.asarray(encodings["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+        in_span = np.zeros(len(ids), dtype=bool)
+        for start, end in spans_of[k]:
+            in_span |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+        samples.append((pos, ids, np.where(in_span, ids, -100)))
+
+    if pretrains:
+        eos_id = tokenizer.eos_token_id
+        encoded = tokenizer([c for _, c in pretrains], add_special_tokens=False)["input_ids"]
+        for (pos, _), ids in zip(pretrains, encoded):
+            ids = np.asarray(ids + [eos_id], dtype=np.int64)
+            samples.append((pos, ids, ids))
+
+    for pos, ids, labels in samples:
+        num_loss = int((labels[1:] != -100).sum())  # targets under next-token shifting
+        if max_tokens is not None and len(ids) > max_tokens:
+            results[pos] = ("drop", "too_long")
+        elif num_loss == 0:
+            results[pos] = ("drop", "no_loss_tokens")
+        else:
+            line = json.dumps(
+                {
+                    "input_ids": ids.tolist(),
+                    "labels": labels.tolist(),
+                    "len": len(ids),
+                    "num_loss_counted_tokens": num_loss,
+                },
+                separators=(",", ":"),
+            )
+            results[pos] = ("ok", line, len(ids), num_loss)
+    return results
+
+
+# Worker processes: each loads the tokenizer once, then tokenizes chunks.
+_worker = {}
+
+
+def _init_worker(model_name_or_path: str, source: str, max_tokens: int | None):
+    _worker.update(tokenizer=load_tokenizer(model_name_or_path), source=source, max_tokens=max_tokens)
+
+
+def _run_chunk(chunk):
+    try:
+        return process_chunk(_worker["tokenizer"], chunk, _worker["source"], _worker["max_tokens"])
+    except FatalLine as e:
+        return [("fatal", str(e))]
+
+
+def load_tokenizer(model_name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, ...) for a bad path
+        raise UserError(
+            f"--model-name-or-path {model_name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})"
+        ) from None
+    if tokenizer.eos_token is None:
+        fail(f"--model-name-or-path {model_name_or_path}: the tokenizer has no eos_token")
+    return tokenizer
+
+
+def read_chunks(path: Path):
+    """Yield lists of (1-based line number, raw bytes) for non-blank lines."""
+    chunk = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            chunk.append((lineno, raw))
+            if len(chunk) == CHUNK_LINES:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def mark_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """Decode a sample with each masked (label -100) run wrapped in «...», so the trained part stands out."""
+    out, run, run_masked = [], [], None
+    for tok, lab in zip(input_ids, labels):
+        masked = lab == -100
+        if run and masked != run_masked:
+            text = tokenizer.decode(run)
+            out.append(f"«{text}»" if run_masked else text)
+            run = []
+        run.append(tok)
+        run_masked = masked
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"«{text}»" if run_masked else text)
+    return "".join(out)
+
+
+def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer):
+    import numpy as np
+
+    print(f"read {counts['read']} samples from {source}, wrote {counts['written']} to {output}")
+    for reason, n in sorted(dropped.items()):
+        print(f"  dropped {n} ({reason})")
+    for reason, n in sorted(invalid.items()):
+        print(f"  skipped {n} invalid ({reason})")
+    lengths = np.asarray(lengths)
+    print(f"tokens: {int(lengths.sum())} total, {loss_tokens} loss-counted ({loss_tokens / max(1, lengths.sum()):.1%})")
+    p = np.percentile(lengths, [50, 90, 99]).astype(int)
+    print(f"length: min {lengths.min()}, p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {lengths.max()}")
+    print("example (masked tokens in «», the rest is trained on):")
+    print(mark_masked(tokenizer, *example))
+
+
+@exit_on_user_error
+def main(
+    input_file: Path = typer.Option(..., help="Messages JSONL: one {'messages': [{'role', 'content'}, ...]} per line."),
+    output_file: Path = typer.Option(
+        ...,
+        help="Tokenized JSONL to write (input_ids, labels, len, num_loss_counted_tokens), in input order, atomically.",
+    ),
+    model_name_or_path: str = typer.Option(
+        ..., help="Model or tokenizer folder (or hub id) whose tokenizer and chat template to use."
+    ),
+    max_sample_num_tokens: int | None = typer.Option(
+        None, help="Drop (and count) samples longer than this many tokens. Default: no limit."
+    ),
+    num_proc: int | None = typer.Option(None, help="Worker processes. Default: the number of CPUs available."),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Skip bad lines (counted per reason) instead of stopping at the first one."
+    ),
+):
+    """Tokenize chat data with exact assistant-only labels (or pretrain data with every token labelled)."""
+    import multiprocessing as mp
+
+    source = str(input_file)
+    if not input_file.is_file():
+        fail(f"{source}: no such file")
+    if max_sample_num_tokens is not None and max_sample_num_tokens < 1:
+        fail(f"--max-sample-num-tokens must be >= 1, got {max_sample_num_tokens}")
+    num_proc = num_proc or len(os.sched_getaffinity(0))
+    if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not from rayon
+    tokenizer = load_tokenizer(model_name_or_path)
+
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
+    counts, dropped, invalid = Counter(), Counter(), Counter()
+    lengths, loss_tokens, example = [], 0, None
+    pool = None
+    try:
+        chunks = read_chunks(input_file)
+        if num_proc > 1:
+            pool = mp.get_context("fork").Pool(
+                num_proc, _init_worker, (model_name_or_path, source, max_sample_num_tokens)
+            )
+            results = pool.imap(_run_chunk, chunks)
+        else:
+            results = (process_chunk(tokenizer, c, source, max_sample_num_tokens) for c in chunks)
+        with open(tmp, "w") as out:
+            for chunk_results in results:
+                for result in chunk_results:
+                    kind = result[0]
+                    if kind == "fatal":
+                        fail(result[1])
+                    counts["read"] += 1
+                    if kind == "invalid":
+                        _, lineno, reason, message = result
+                        if not skip_invalid:
+                            fail(f"{source}:{lineno}: {message}")
+                        invalid[reason] += 1
+                    elif kind == "drop":
+                        dropped[result[1]] += 1
+                    else:
+                        _, line, length, num_loss = result
+                        out.write(line + "\n")
+                        counts["written"] += 1
+                        lengths.append(length)
+                        loss_tokens += num_loss
+                        if example is None:
+                            row = json.loads(line)
+                            example = (row["input_ids"], row["labels"])
+        if counts["read"] == 0:
+            fail(f"{source}:1: empty file (no samples)")
+        if counts["written"] == 0:
+            reasons = ", ".join(f"{n} {r}" for r, n in (dropped + invalid).items())
+            fail(f"{source}: no sample left to write ({reasons})")
+        os.replace(tmp, output_file)
+    except FatalLine as e:  # raised in-process when num_proc == 1
+        raise UserError(str(e)) from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+        tmp.unlink(missing_ok=True)
+    print_summary(source, output_file, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,283 @@
+"""process_data.py: the exact label rule on several template styles, drops, bad input, parallel == serial."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_script
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+import process_data
+import tiny_model
+
+SYS = {"role": "system", "content": "You are terse."}
+U1 = {"role": "user", "content": "hello there, how are you?"}
+A1 = {"role": "assistant", "content": "fine thanks"}
+U2 = {"role": "user", "content": "and now?"}
+A2 = {"role": "assistant", "content": "  still fine  ", "reasoning_content": "think about it\nstep by step"}
+TOOL = {"role": "tool", "content": '{"temp": 21}'}
+
+ROLE_COMBOS = {
+    "user_assistant": [U1, A1],
+    "system_user_assistant": [SYS, U1, A1],
+    "multi_turn": [SYS, U1, A1, U2, A2],
+    "reasoning": [U1, A2],
+    "tool": [U1, A1, TOOL, A2],
+    "assistant_first": [A1, U1, A1],
+    "consecutive_assistants": [U1, A1, A2],
+}
+
+# The same templates with `{% generation %}` tags: transformers' own assistant mask is the oracle for our rule.
+CHATML_TAGGED = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3_TAGGED = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>' + message['reasoning_content'] + '</think>' }}"
+    "{%- endif %}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# Mistral style: the span starts right after "[/INST]" with a space, so the first span token (" fine") straddles
+# nothing but starts with a character outside any role header; end-of-turn is the eos token.
+MISTRAL = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}{%- endfor %}"
+)
+MISTRAL_TAGGED = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}{{- ' ' + message['content'] + eos_token }}"
+    "{% endgeneration %}{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}{%- endfor %}"
+)
+
+
+def run(tmp_path, rows, tokenizer_dir, *flags, raw_lines=None):
+    """Write rows (or raw lines) to a JSONL, run the CLI in-process; return (result, output rows or None)."""
+    src = tmp_path / "in.jsonl"
+    if raw_lines is not None:
+        src.write_bytes(b"".join(raw_lines))
+    else:
+        tiny_model.write_jsonl(src, rows)
+    out = tmp_path / "out.jsonl"
+    out.unlink(missing_ok=True)
+    import typer
+
+    app = typer.Typer()
+    app.command()(process_data.main)
+    args = ["--input-file", src, "--output-file", out, "--model-name-or-path", tokenizer_dir, "--num-proc", "1", *flags]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    rows_out = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else None
+    return result, rows_out
+
+
+def oracle_labels(tokenizer, tagged_template, messages):
+    """Labels from transformers' `{% generation %}` assistant mask on an otherwise identical template."""
+    enc = tokenizer.apply_chat_template(
+        messages, chat_template=tagged_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    return ids, [i if m else -100 for i, m in zip(ids, mask)]
+
+
+def make_tokenizer_dir(tmp_path, template_name, chat_template=None):
+    d = tmp_path / f"tok_{template_name}"
+    tok = tiny_model.build_tokenizer(d, "llama3" if template_name == "llama3" else "chatml")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+        tok.eos_token = "<|endoftext|>"
+        tok.bos_token = "<|begin_of_text|>"
+        tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize(
+    "style,tagged", [("chatml", CHATML_TAGGED), ("llama3", LLAMA3_TAGGED), ("mistral", MISTRAL_TAGGED)]
+)
+def test_labels_match_transformers_generation_mask(tmp_path, style, tagged):
+    tok_dir = make_tokenizer_dir(tmp_path, style, MISTRAL if style == "mistral" else None)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # Mistral-style templates render no system, tool or reasoning: only user/assistant alternation applies.
+    combos = ROLE_COMBOS if style != "mistral" else {"two_turns": [U1, A1, U2, {"role": "assistant", "content": "ok"}]}
+    names = list(combos)
+    result, rows = run(tmp_path, [{"messages": combos[n]} for n in names], tok_dir)
+    assert result.exit_code == 0, result.output
+    assert len(rows) == len(names)
+    for name, row in zip(names, rows):
+        ids, labels = oracle_labels(tokenizer, tagged, combos[name])
+        assert row["input_ids"] == ids, name
+        assert row["labels"] == labels, name
+        assert row["len"] == len(ids)
+        assert row["num_loss_counted_tokens"] == sum(lab != -100 for lab in labels[1:])
+
+
+def test_chatml_labels_decode_to_exactly_the_assistant_text(tmp_path, qwen_dir):
+    """An oracle-free check: the labelled tokens decode to reasoning-with-tags + content + <|im_end|>, nothing else."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    result, rows = run(tmp_path, [{"messages": ROLE_COMBOS["multi_turn"]}], qwen_dir)
+    assert result.exit_code == 0, result.output
+    ids, labels = np.array(rows[0]["input_ids"]), np.array(rows[0]["labels"])
+    kept = labels != -100
+    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(kept.astype(int))) + 1)
+    trained = [tokenizer.decode(ids[r]) for r in runs if kept[r[0]]]
+    assert trained == [
+        "fine thanks<|im_end|>",
+        "<think>\nthink about it\nstep by step\n</think>\n\n  still fine  <|im_end|>",
+    ]
+    assert not kept[-1], "the newline after the last <|im_end|> is not trained on"
+
+
+def test_llama3_reasoning_and_multi_turn(tmp_path, llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    result, rows = run(tmp_path, [{"messages": ROLE_COMBOS["multi_turn"]}], llama_dir)
+    assert result.exit_code == 0, result.output
+    ids, labels = np.array(rows[0]["input_ids"]), np.array(rows[0]["labels"])
+    assert (
+        tokenizer.decode(ids[labels != -100])
+        == "fine thanks<|eot_id|><think>think about it\nstep by step</think>still fine<|eot_id|>"
+    )
+    assert ids[0] == tokenizer.bos_token_id and labels[0] == -100
+
+
+def test_pretrain_sample(tmp_path, qwen_dir):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    text = "plain text for pretraining, with no template at all."
+    result, rows = run(tmp_path, [{"messages": [{"role": "pretrain", "content": text}]}], qwen_dir)
+    assert result.exit_code == 0, result.output
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rows[0]["input_ids"] == expected
+    assert rows[0]["labels"] == expected
+    assert rows[0]["num_loss_counted_tokens"] == len(expected) - 1  # the first token is never a target
+
+
+def test_drops_are_counted_and_reported(tmp_path, qwen_dir):
+    long_reply = {"role": "assistant", "content": " ".join(["word"] * 300)}
+    rows = [
+        {"messages": [U1, A1]},
+        {"messages": [U1, long_reply]},  # over the limit
+        {"messages": [SYS, U1]},  # no assistant turn: no loss token
+        {"messages": []},  # empty sample
+        {"messages": [{"role": "pretrain", "content": ""}]},  # eos only: nothing to predict
+        {"messages": [U2, A1]},
+    ]
+    result, out = run(tmp_path, rows, qwen_dir, "--max-sample-num-tokens", "100")
+    assert result.exit_code == 0, result.output
+    assert len(out) == 2 and all(r["len"] <= 100 for r in out)
+    assert "read 6 samples" in result.output and "wrote 2" in result.output
+    assert "dropped 1 (too_long)" in result.output
+    assert "dropped 3 (no_loss_tokens)" in result.output
+    assert "p50" in result.output and "«" in result.output
+
+
+BAD_LINES = {
+    "invalid_json": b'{"messages": [}\n',
+    "not_an_object": b"[1, 2]\n",
+    "missing_messages": b'{"conversation": []}\n',
+    "ill_typed_messages": b'{"messages": "hi"}\n',
+    "message_not_object": b'{"messages": ["hi"]}\n',
+    "unknown_role": b'{"messages": [{"role": "robot", "content": "x"}]}\n',
+    "missing_role": b'{"messages": [{"content": "x"}]}\n',
+    "non_string_content": b'{"messages": [{"role": "user", "content": 5}]}\n',
+    "missing_content": b'{"messages": [{"role": "user"}]}\n',
+    "non_string_reasoning": b'{"messages": [{"role": "assistant", "content": "a", "reasoning_content": ["x"]}]}\n',
+    "pretrain_mixed": b'{"messages": [{"role": "pretrain", "content": "x"}, {"role": "user", "content": "y"}]}\n',
+    "invalid_utf8": b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+}
+GOOD = json.dumps({"messages": [U1, A1]}).encode() + b"\n"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_input_is_one_line_error_with_line_number(tmp_path, qwen_dir, case):
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[GOOD, b"\n", BAD_LINES[case], GOOD])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'in.jsonl'}:3: "), result.stderr
+    assert out is None, "no output file on error"
+    assert not list(tmp_path.glob(".out.jsonl.tmp*")), "no temporary file left behind"
+
+
+def test_skip_invalid_counts_per_reason(tmp_path, qwen_dir):
+    lines = [GOOD, BAD_LINES["invalid_json"], BAD_LINES["unknown_role"], BAD_LINES["invalid_json"], GOOD]
+    result, out = run(tmp_path, None, qwen_dir, "--skip-invalid", raw_lines=lines)
+    assert result.exit_code == 0, result.output
+    assert len(out) == 2
+    assert "skipped 2 invalid (invalid_json)" in result.output
+    assert "skipped 1 invalid (unknown_role)" in result.output
+
+
+def test_empty_file_and_missing_template_and_bad_tokenizer(tmp_path, qwen_dir):
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[b"\n"])
+    assert result.exit_code == 2 and "empty file" in result.stderr and out is None
+
+    no_template = tmp_path / "no_template"
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    tok.chat_template = None
+    tok.save_pretrained(no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    result, out = run(tmp_path, [{"messages": [U1, A1]}], no_template)
+    assert result.exit_code == 2 and "no chat template" in result.stderr and out is None
+    # pretrain data needs no template
+    result, out = run(tmp_path, [{"messages": [{"role": "pretrain", "content": "abc"}]}], no_template)
+    assert result.exit_code == 0 and len(out) == 1
+
+    result, out = run(tmp_path, [{"messages": [U1, A1]}], tmp_path / "does_not_exist")
+    assert result.exit_code == 2 and "--model-name-or-path" in result.stderr
+
+
+def test_parallel_output_equals_serial_and_cli_has_no_traceback(tmp_path, qwen_dir):
+    src = tiny_model.write_jsonl(tmp_path / "big.jsonl", tiny_model.make_conversations(700, seed=5))
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}.jsonl"
+        r = run_script(
+            ROOT / "process_data.py",
+            "--input-file",
+            src,
+            "--output-file",
+            out,
+            "--model-name-or-path",
+            qwen_dir,
+            "--num-proc",
+            n,
+        )
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0].count(b"\n") == 700
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(src.read_bytes() + BAD_LINES["unknown_role"])
+    r = run_script(
+        ROOT / "process_data.py",
+        "--input-file",
+        bad,
+        "--output-file",
+        tmp_path / "x.jsonl",
+        "--model-name-or-path",
+        qwen_dir,
+        "--num-proc",
+        2,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip() == f"error: {bad}:701: messages[0].role: unknown role 'robot' (expected one of "
+        "assistant, pretrain, system, tool, user)"
+    )
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "x.jsonl").exists()

@@ -1,0 +1,72 @@
+import json
+import time
+
+import torch
+from conftest import ROOT, run_script
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import tiny_model
+
+
+def test_tokenizer_routes_agree(qwen_dir, llama_dir, tmp_path):
+    """AutoTokenizer on the model folder, on a tokenizer-only folder, and PreTrainedTokenizerFast give the same ids."""
+    texts = [json.dumps(c) for c in tiny_model.make_conversations(200, seed=3)] + [
+        "Café  naïve\u0301 ünï\tcode\r\n\n  spaces   end ",
+        "don't I'LL we've 1234567 ?!... \u00e9\u0065\u0301",
+    ]
+    for model_dir, template in [(qwen_dir, "chatml"), (llama_dir, "llama3")]:
+        tok_dir = tmp_path / template
+        tiny_model.build_tokenizer(tok_dir, template)
+        routes = [
+            AutoTokenizer.from_pretrained(model_dir),
+            AutoTokenizer.from_pretrained(tok_dir),
+            PreTrainedTokenizerFast.from_pretrained(model_dir),
+        ]
+        ids = [[r(t, add_special_tokens=False)["input_ids"] for t in texts] for r in routes]
+        assert ids[0] == ids[1] == ids[2]
+        assert len(routes[0]) == tiny_model.VOCAB_SIZE
+        assert routes[0].eos_token == tiny_model.TEMPLATES[template]["eos_token"]
+        assert routes[0].pad_token == "<|endoftext|>"
+
+
+def test_models_round_trip(qwen_dir, llama_dir, tmp_path):
+    for model_dir, cls in [(qwen_dir, "Qwen2ForCausalLM"), (llama_dir, "LlamaForCausalLM")]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert type(model).__name__ == cls
+        assert 1.2e6 < sum(p.numel() for p in model.parameters()) < 2e6
+        model.save_pretrained(tmp_path / cls)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / cls)
+        for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2)
+        ids = torch.tensor([[5, 17, 99, 300]])
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_build_is_deterministic(tmp_path):
+    a = tiny_model.build_model(tmp_path / "a", seed=7)
+    b = tiny_model.build_model(tmp_path / "b", seed=7)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    ma, mb = AutoModelForCausalLM.from_pretrained(a), AutoModelForCausalLM.from_pretrained(b)
+    assert all(torch.equal(x, y) for x, y in zip(ma.parameters(), mb.parameters()))
+
+
+def test_cli_help_is_fast_and_complete():
+    for script, flags in [
+        (
+            "process_data.py",
+            [
+                "--input-file",
+                "--output-file",
+                "--model-name-or-path",
+                "--max-sample-num-tokens",
+                "--num-proc",
+                "--skip-invalid",
+            ],
+        ),
+    ]:
+        start = time.perf_counter()
+        result = run_script(ROOT / script, "--help", env={"COLUMNS": "200"})
+        assert time.perf_counter() - start < 2.0, f"{script} --help is slow (heavy import at module level?)"
+        assert result.returncode == 0
+        for flag in flags:
+            assert flag in result.stdout

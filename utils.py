@@ -1,0 +1,135 @@
+"""Small shared helpers: one-line user errors, rank-0 logging, and every torch.distributed call of the trainer.
+
+Keeping all collectives here makes the distributed surface of leantrain readable in one screen: init, the
+two reductions the loop needs (a sum and an agreement), a barrier, and the weight broadcast at load time.
+"""
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A problem with the user's input or flags: printed as one line, exit code 2, no traceback."""
+
+
+def fail(message: str):
+    raise UserError(message)
+
+
+def exit_on_user_error(fn):
+    """Decorate a CLI entry point: a UserError becomes `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def log(*args):
+    """Print on rank 0 only, flushed (torchrun interleaves ranks' stdout otherwise)."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: the only place that talks to torch.distributed's process group.
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: "object"  # torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed():
+    """Start the process group: NCCL on CUDA, gloo on CPU. Without torchrun, a 1-process group in memory."""
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:  # torchrun (single node or multi-node rendezvous)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device if use_cuda else None)
+    else:  # plain `python train.py`: one process, no rendezvous needed
+        local_rank = 0
+        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few float64 scalars over ranks (loss sums and counters), returned as Python floats."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Agree on a control decision (stop, save): true on every rank if it is true on any rank."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier():
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (e.g. rotary `inv_freq`, which no state dict carries) to every rank."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def destroy_distributed():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
