@@ -1,0 +1,72 @@
+"""Per-step metrics: one JSON line per optimizer step in output_dir/training_metrics_0.jsonl (rank 0), and one
+human line on the console.
+
+Every count here is global (all ranks) and real: `num_total_tokens` counts the tokens of the samples in the
+step, no padding and no dummy rows; `time_per_step` is the step's whole wall time, waiting for data included.
+"""
+
+import json
+import resource
+import time
+from pathlib import Path
+
+from utils import format_duration, log
+
+METRICS_FILE = "training_metrics_0.jsonl"
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated on CUDA; peak resident memory of this process on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def step_metrics(*, step, batch, lr, loss, grad_norm, time_per_step, state, device) -> dict:
+    return {
+        "step": step,
+        "epoch": batch.epoch,
+        "lr": lr,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "num_samples": batch.num_samples,
+        "num_loss_counted_tokens": batch.num_loss_tokens,
+        "num_total_tokens": batch.num_tokens,
+        "num_minibatches": len(batch.minibatches),
+        "tokens_per_second": batch.num_tokens / time_per_step,
+        "samples_per_second": batch.num_samples / time_per_step,
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "time_per_step": time_per_step,
+        "peak_memory_gb": peak_memory_gb(device),
+        "timestamp": time.time(),
+    }
+
+
+class MetricsLog:
+    """Appends metrics to the JSONL (rank 0 only) and prints the console line with an ETA when the length is known."""
+
+    def __init__(self, output_dir: Path, is_main: bool, total_steps: int | None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.is_main, self.total_steps = is_main, total_steps
+        self.recent: list[float] = []  # step times, for the ETA
+
+    def write(self, metrics: dict):
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.recent = (self.recent + [metrics["time_per_step"]])[-20:]
+        eta = ""
+        if self.total_steps:
+            eta = (
+                f" | ETA {format_duration(sum(self.recent) / len(self.recent) * (self.total_steps - metrics['step']))}"
+            )
+        of = f"/{self.total_steps}" if self.total_steps else ""
+        log(
+            f"step {metrics['step']}{of} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
+            f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | "
+            f"{metrics['num_minibatches']} mb{eta}"
+        )

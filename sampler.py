@@ -1,0 +1,393 @@
+"""Data for the training loop: load the tokenized JSONL, sample global batches, pack them, collate padding-free rows.
+
+1. `load_tokenized` reads the file once into flat int32 arrays (no Python list per sample) and drops samples that
+   can never fit a minibatch.
+2. `GlobalSampler` is infinite and seeded: epoch e is a fresh permutation drawn from (seed, e), the same on every
+   rank. Every rank sees the whole global batch and takes its own share, so the data order does not depend on the
+   world size, and the sampler's whole state is (epoch, offset).
+3. `pack_minibatches` splits a global batch into as few minibatches per rank as the token capacity allows (LPT,
+   compiled with numba), every rank with the same count, tokens balanced across ranks within each minibatch.
+4. `collate` builds one padding-free row per minibatch: position_ids restart per sequence, and the row's targets
+   are the labels shifted within each sequence, so no sequence's first token is ever predicted from the previous
+   sequence's last token.
+5. `Prefetcher` does 2-4 for the next step in a background thread while the current step computes.
+"""
+
+import hashlib
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from utils import fail, log
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class TokenizedData:
+    """All samples, flat. Sample i spans offsets[i]:offsets[i+1] of input_ids, labels and position_ids."""
+
+    input_ids: np.ndarray  # int32 [total tokens]
+    labels: np.ndarray  # int32, aligned with input_ids (unshifted), IGNORE where not trained on
+    position_ids: np.ndarray  # int32, restarting at 0 per sample unless the sample carries its own
+    offsets: np.ndarray  # int64 [n + 1]
+    num_loss_counted_tokens: np.ndarray  # int64 [n]: targets the sample contributes under shifting
+    source_lines: np.ndarray  # int64 [n]: 1-based line of each kept sample in the file
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def fingerprint(self) -> str:
+        """Identifies the data a run trained on (resume refuses a state made on other data)."""
+        h = hashlib.sha256()
+        for a in (self.lengths, self.num_loss_counted_tokens, self.input_ids[:: max(1, len(self.input_ids) // 4096)]):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def sequence_starts(position_ids: np.ndarray, sample_starts: np.ndarray) -> np.ndarray:
+    """True where a new sequence begins: at each sample start, and where position_ids do not continue by +1
+    (document blocks inside one sample carry their own restarting position_ids)."""
+    starts = np.ones(len(position_ids), dtype=bool)
+    starts[1:] = position_ids[1:] != position_ids[:-1] + 1
+    starts[sample_starts] = True
+    return starts
+
+
+def count_targets(labels: np.ndarray, starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per sample: tokens that are predicted (labelled, and not the first token of a sequence)."""
+    is_target = (labels != IGNORE) & ~starts
+    return np.add.reduceat(is_target, offsets[:-1]).astype(np.int64) if len(labels) else np.zeros(0, np.int64)
+
+
+def _int_array(value, field: str, where: str) -> np.ndarray:
+    if not isinstance(value, list):
+        fail(f"{where}: field '{field}' must be a list of integers, got {type(value).__name__}")
+    try:
+        arr = np.asarray(value, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        fail(f"{where}: field '{field}' must be a list of integers")
+    if arr.ndim != 1:
+        fail(f"{where}: field '{field}' must be a flat list of integers")
+    return arr
+
+
+def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedData:
+    """Read a tokenized JSONL (`input_ids`, `labels`, optional `position_ids`, `len`, `num_loss_counted_tokens`).
+
+    Samples longer than max_tokens_per_sample (the per-rank minibatch capacity) can never be packed: they are
+    dropped here with a logged count. Optional fields are recomputed (`num_loss_counted_tokens` always, with the
+    trainer's own boundary rule, so the loss normalisation can never disagree with the targets actually built)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data-path {path}: no such file")
+    ids_parts, label_parts, pos_parts, lines = [], [], [], []
+    too_long = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                fail(f"{where}: invalid JSON ({e})")
+            if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
+                hint = " (this looks like a messages file: run process_data.py first)" if "messages" in row else ""
+                fail(f"{where}: not a tokenized sample, needs fields 'input_ids' and 'labels'{hint}")
+            ids = _int_array(row["input_ids"], "input_ids", where)
+            labels = _int_array(row["labels"], "labels", where)
+            if len(ids) != len(labels):
+                fail(f"{where}: 'input_ids' has {len(ids)} tokens but 'labels' has {len(labels)}")
+            if len(ids) == 0:
+                fail(f"{where}: empty 'input_ids'")
+            if "len" in row and row["len"] != len(ids):
+                fail(f"{where}: field 'len' is {row['len']} but 'input_ids' has {len(ids)} tokens")
+            if "position_ids" in row:
+                pos = _int_array(row["position_ids"], "position_ids", where)
+                if len(pos) != len(ids):
+                    fail(f"{where}: 'position_ids' has {len(pos)} entries but 'input_ids' has {len(ids)}")
+            else:
+                pos = np.arange(len(ids))
+            if len(ids) > max_tokens_per_sample:
+                too_long += 1
+                continue
+            ids_parts.append(ids)
+            label_parts.append(labels)
+            pos_parts.append(pos)
+            lines.append(lineno)
+    if not lines and not too_long:
+        fail(f"--data-path {path}: empty file (no samples)")
+    if too_long:
+        log(f"dropped {too_long} samples longer than --max-tokens-per-gpu {max_tokens_per_sample}")
+    if not lines:
+        fail(f"--data-path {path}: none of its {too_long} samples fits --max-tokens-per-gpu {max_tokens_per_sample}")
+
+    offsets = np.zeros(len(lines) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in ids_parts], out=offsets[1:])
+    data = TokenizedData(
+        input_ids=np.concatenate(ids_parts).astype(np.int32),
+        labels=np.concatenate(label_parts).astype(np.int32),
+        position_ids=np.concatenate(pos_parts).astype(np.int32),
+        offsets=offsets,
+        num_loss_counted_tokens=np.zeros(len(lines), np.int64),
+        source_lines=np.asarray(lines, dtype=np.int64),
+    )
+    starts = sequence_starts(data.position_ids, offsets[:-1])
+    data.num_loss_counted_tokens = count_targets(data.labels, starts, offsets)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class GlobalSampler:
+    """Infinite seeded sampler over n samples. Identical on every rank; its position is (epoch, offset)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self.offset = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_indices(self, count: int) -> np.ndarray:
+        """The next `count` sample indices; a batch may run on into the next epoch's permutation."""
+        out = []
+        while count > 0:
+            take = min(count, self.num_samples - self.offset)
+            out.append(self.permutation(self.epoch)[self.offset : self.offset + take])
+            self.offset += take
+            count -= take
+            if self.offset == self.num_samples:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict):
+        if (state["seed"], state["num_samples"]) != (self.seed, self.num_samples):
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} over {state['num_samples']} samples, "
+                f"not seed {self.seed} over {self.num_samples}"
+            )
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+@numba.njit(cache=True)
+def _lpt(sorted_lengths, num_bins, capacity):
+    """Longest processing time first: each item (longest first) to the least loaded bin. Fails if it overflows."""
+    loads = np.zeros(num_bins, np.int64)
+    assign = np.empty(len(sorted_lengths), np.int64)
+    for i in range(len(sorted_lengths)):
+        b = np.argmin(loads)
+        if loads[b] + sorted_lengths[i] > capacity:
+            return assign, loads, False
+        loads[b] += sorted_lengths[i]
+        assign[i] = b
+    return assign, loads, True
+
+
+@numba.njit(cache=True)
+def _best_fit(sorted_lengths, num_bins, capacity):
+    """Best fit decreasing: each item to the fullest bin it still fits. Packs tighter than LPT, balances worse."""
+    loads = np.zeros(num_bins, np.int64)
+    assign = np.empty(len(sorted_lengths), np.int64)
+    for i in range(len(sorted_lengths)):
+        best = -1
+        for b in range(num_bins):
+            if loads[b] + sorted_lengths[i] <= capacity and (best < 0 or loads[b] > loads[best]):
+                best = b
+        if best < 0:
+            return assign, loads, False
+        loads[best] += sorted_lengths[i]
+        assign[i] = best
+    return assign, loads, True
+
+
+def minibatch_lower_bound(lengths: np.ndarray, capacity: int, num_ranks: int) -> int:
+    """No plan can use fewer minibatches: total tokens over total capacity, and one bin per item over half
+    the capacity (no two of them share a bin)."""
+    if len(lengths) == 0:
+        return 0
+    by_tokens = -(-int(lengths.sum()) // (capacity * num_ranks))
+    by_big_items = -(-int((lengths > capacity // 2).sum()) // num_ranks)
+    return max(1, by_tokens, by_big_items)
+
+
+def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int) -> list[list[list[int]]]:
+    """Split one global batch into minibatches: plan[rank][k] is the list of sample indices (into `lengths`) of
+    minibatch k on that rank. Deterministic; every rank gets the same number of minibatches (some may be empty);
+    no minibatch holds more than max_tokens_per_rank tokens.
+
+    The fewest minibatches first: starting at the lower bound, try M minibatches (M x ranks bins) with LPT, which
+    also balances, then with best-fit decreasing, which packs tighter; else M + 1. Then the bins, sorted by load,
+    are dealt out in groups of `num_ranks`, so the ranks of one minibatch carry similar loads."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if num_ranks < 1 or max_tokens_per_rank < 1:
+        raise ValueError("need num_ranks >= 1 and max_tokens_per_rank >= 1")
+    if len(lengths) and lengths.max() > max_tokens_per_rank:
+        raise ValueError(f"a sample of {lengths.max()} tokens exceeds the capacity of {max_tokens_per_rank}")
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    num_minibatches = minibatch_lower_bound(lengths, max_tokens_per_rank, num_ranks)
+    while num_minibatches:
+        num_bins = num_minibatches * num_ranks
+        assign, loads, ok = _lpt(sorted_lengths, num_bins, max_tokens_per_rank)
+        if not ok:
+            assign, loads, ok = _best_fit(sorted_lengths, num_bins, max_tokens_per_rank)
+        if ok:
+            break
+        num_minibatches += 1
+    plan = [[[] for _ in range(num_minibatches)] for _ in range(num_ranks)]
+    if not num_minibatches:
+        return plan
+    bins_by_load = np.argsort(-loads, kind="stable")  # heaviest first
+    slot = np.empty(len(bins_by_load), np.int64)
+    slot[bins_by_load] = np.arange(len(bins_by_load))
+    for item, b in zip(order.tolist(), assign.tolist()):
+        k, r = divmod(int(slot[b]), num_ranks)
+        plan[r][k].append(item)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation
+
+
+@dataclass
+class Minibatch:
+    """One padding-free row (batch dimension 1) and what the loss needs to know about it."""
+
+    input_ids: "object"  # torch.LongTensor [1, T]
+    position_ids: "object"  # torch.LongTensor [1, T]
+    targets: "object"  # torch.LongTensor [1, T]: next token of the same sequence, IGNORE elsewhere
+    cu_seq_lens: "object"  # torch.IntTensor [num_sequences + 1]: sequence boundaries, for varlen attention
+    max_length: int  # longest sequence in the row
+    num_tokens: int  # real tokens (0 for an empty minibatch, whose row is one dummy token)
+    num_loss_tokens: int
+
+
+def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> Minibatch:
+    import torch
+
+    if not indices:  # an empty minibatch still runs forward/backward so FSDP's collectives line up
+        one = torch.tensor([[pad_token_id]])
+        return Minibatch(
+            one, torch.zeros_like(one), torch.full_like(one, IGNORE), torch.tensor([0, 1], dtype=torch.int32), 1, 0, 0
+        )
+    idx = np.asarray(indices, dtype=np.int64)
+    starts, ends = data.offsets[idx], data.offsets[idx + 1]
+    lengths = ends - starts
+    token_idx = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+    input_ids = data.input_ids[token_idx]
+    labels = data.labels[token_idx]
+    position_ids = data.position_ids[token_idx]
+    row_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    seq_start = sequence_starts(position_ids, row_offsets[:-1])
+    targets = np.full(len(input_ids), IGNORE, dtype=np.int64)
+    predictable = ~seq_start[1:]  # position t predicts t+1 only inside one sequence
+    targets[:-1][predictable] = labels[1:][predictable]
+    cu = np.concatenate([np.flatnonzero(seq_start), [len(input_ids)]]).astype(np.int32)
+    return Minibatch(
+        input_ids=torch.from_numpy(input_ids.astype(np.int64)).unsqueeze(0),
+        position_ids=torch.from_numpy(position_ids.astype(np.int64)).unsqueeze(0),
+        targets=torch.from_numpy(targets).unsqueeze(0),
+        cu_seq_lens=torch.from_numpy(cu),
+        max_length=int(np.diff(cu).max()),
+        num_tokens=len(input_ids),
+        num_loss_tokens=int((targets != IGNORE).sum()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stream of steps, prepared one step ahead
+
+
+@dataclass
+class StepBatch:
+    """Everything one optimizer step consumes: this rank's minibatches plus global counts (known on every rank,
+    since every rank sees the whole global batch)."""
+
+    minibatches: list[Minibatch]
+    num_samples: int
+    num_loss_tokens: int  # over the whole global batch: the loss denominator
+    num_tokens: int  # real tokens over the whole global batch
+    epoch: int  # epoch in which the batch starts
+    sampler_state: dict  # the sampler's position after this batch (what a checkpoint saves)
+
+
+def make_step_batch(data, sampler, count, capacity, rank, world_size, pad_token_id) -> StepBatch:
+    epoch = sampler.epoch
+    indices = sampler.next_indices(count)
+    plan = pack_minibatches(data.lengths[indices], capacity, world_size)
+    return StepBatch(
+        minibatches=[collate(data, indices[mb].tolist(), pad_token_id) for mb in plan[rank]],
+        num_samples=len(indices),
+        num_loss_tokens=int(data.num_loss_counted_tokens[indices].sum()),
+        num_tokens=int(data.lengths[indices].sum()),
+        epoch=epoch,
+        sampler_state=sampler.state_dict(),
+    )
+
+
+class Prefetcher:
+    """Prepares step n+1 in a background thread while step n computes. `batch_sizes` yields the number of
+    samples of each step (a shorter last one ends an exact number of epochs); the stream ends with it."""
+
+    def __init__(self, data, sampler, batch_sizes, capacity, rank, world_size, pad_token_id=0, depth=2):
+        self._queue = queue.Queue(maxsize=depth)
+        args = (data, sampler, capacity, rank, world_size, pad_token_id)
+        self._thread = threading.Thread(target=self._produce, args=(batch_sizes, args), daemon=True)
+        self._stop = False
+        self._thread.start()
+
+    def _produce(self, batch_sizes, args):
+        data, sampler, capacity, rank, world_size, pad_token_id = args
+        try:
+            for count in batch_sizes:
+                item = make_step_batch(data, sampler, count, capacity, rank, world_size, pad_token_id)
+                while not self._stop:
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop:
+                    return
+            self._queue.put(None)
+        except BaseException as e:  # surfaced in the training thread
+            self._queue.put(e)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self._stop = True
+        self._thread.join(timeout=5)

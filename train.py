@@ -1,0 +1,279 @@
+"""Fine-tune a Hugging Face causal LM: FSDP2, padding-free packed minibatches, an exact per-token loss.
+
+    torchrun --nproc-per-node 8 train.py --model-name-or-path MODEL --data-path data.jsonl --output-dir out \
+        --batch-size 128 --max-tokens-per-gpu 16384 --learning-rate 1e-5 --max-epochs 3
+
+`python train.py ...` (no torchrun) runs as one process. Every flag is a field of `TrainConfig` below.
+"""
+
+import inspect
+import json
+import math
+import platform
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import typer
+
+from utils import Timer, exit_on_user_error, fail, log
+
+
+def option(default=MISSING, help: str = "", flags: tuple = ()):
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    model_name_or_path: str = option(help="Hugging Face model folder or hub id (a causal LM).")
+    data_path: str = option(help="Tokenized JSONL written by process_data.py.")
+    output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.")
+    batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).")
+    max_tokens_per_gpu: int = option(help="Token capacity of one minibatch on one rank; longer samples are dropped.")
+    # optimisation
+    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
+    num_warmup_steps: int = option(0, "Linear warmup steps.")
+    lr_scheduler: str = option("constant_with_warmup", "Any transformers.get_scheduler name (cosine, linear, ...).")
+    seed: int = option(42, "Seed of the data order and of torch.")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (applied to every parameter).")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    # length: neither flag means run until stopped
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.")
+    max_epochs: int | None = option(None, "Stop after exactly this many passes over the data.")
+    # precision
+    train_dtype: str = option("float32", "Dtype of master weights and optimizer state.")
+    compute_dtype: str | None = option(None, "Forward/backward dtype. Default: bfloat16 on CUDA, float32 on CPU.")
+    # model
+    use_liger_kernels: bool = option(False, "Liger kernels and fused linear cross-entropy (CUDA only).")
+    activation_checkpointing: bool = option(
+        False,
+        "Recompute each decoder layer in backward to save memory.",
+        ("--activation-checkpointing/--no-activation-checkpointing",),
+    )
+    attn_implementation: str = option(
+        "auto",
+        "auto: flash_attention_2 if installed on CUDA, else per-sequence "
+        "SDPA (leantrain_varlen_sdpa); or sdpa, eager, flash_attention_2, ...",
+    )
+    # checkpoints
+    save_dtype: str | None = option(
+        None, "Dtype of saved HF weights: float32, bfloat16 or float16. Default: the dtype the model was loaded with."
+    )
+    min_samples_per_checkpoint: int | None = option(None, "Save a checkpoint every this many samples.")
+    save_final_checkpoint: bool = option(
+        True, "Save a checkpoint when the run ends.", ("--save-final-checkpoint/--no-save-final-checkpoint",)
+    )
+    keep_last_checkpoints: int | None = option(None, "Keep only the newest K checkpoints.")
+    resume: bool = option(
+        False,
+        "Resume from the newest complete checkpoint in --output-dir (start fresh, with a notice, if there is none).",
+    )
+    resume_from: str | None = option(None, "Resume from this checkpoint folder (output_dir/full_state/samples_N).")
+
+    def validate(self):
+        """Flag checks that need no model or data: fail before any heavy work."""
+        if self.batch_size < 1:
+            fail(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_tokens_per_gpu < 1:
+            fail(f"--max-tokens-per-gpu must be >= 1, got {self.max_tokens_per_gpu}")
+        if self.max_steps is not None and self.max_epochs is not None:
+            fail("--max-steps and --max-epochs conflict: give at most one (neither runs until stopped)")
+        for name in ("max_steps", "max_epochs", "min_samples_per_checkpoint", "keep_last_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate < 0 or self.num_warmup_steps < 0 or self.max_grad_norm < 0:
+            fail("--learning-rate, --num-warmup-steps and --max-grad-norm must be >= 0")
+        dtypes = ("float32", "bfloat16", "float16")
+        for name in ("train_dtype", "compute_dtype", "save_dtype"):
+            if getattr(self, name) not in (None, *dtypes):
+                fail(f"--{name.replace('_', '-')} must be one of {', '.join(dtypes)}, got {getattr(self, name)}")
+        if self.resume and self.resume_from:
+            fail("--resume and --resume-from conflict: give at most one")
+
+
+def total_steps(cfg: TrainConfig, num_samples: int) -> int | None:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.max_epochs is not None:
+        return math.ceil(cfg.max_epochs * num_samples / cfg.batch_size)
+    return None
+
+
+def batch_sizes(cfg: TrainConfig, num_samples: int, step: int, samples_seen: int):
+    """Samples per step from the current position on: batch_size each, the last one shorter so that
+    --max-epochs ends after exactly that many passes; endless when no length is set."""
+    limit = cfg.max_epochs * num_samples if cfg.max_epochs is not None else None
+    while cfg.max_steps is None or step < cfg.max_steps:
+        count = cfg.batch_size if limit is None else min(cfg.batch_size, limit - samples_seen)
+        if count <= 0:
+            return
+        yield count
+        step, samples_seen = step + 1, samples_seen + count
+
+
+def write_training_params(cfg: TrainConfig, dist, path: Path):
+    import numba
+    import numpy
+    import torch
+    import transformers
+
+    params = asdict(cfg) | {
+        "world_size": dist.world_size,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numba": numba.__version__,
+            "numpy": numpy.__version__,
+        },
+    }
+    path.write_text(json.dumps(params, indent=2) + "\n")
+
+
+def forward_loss_sum(model, mb, device):
+    """Summed cross-entropy of one padding-free minibatch (moved to the device here)."""
+    to = dict(device=device, non_blocking=True)
+    return model(
+        mb.input_ids.to(**to), mb.position_ids.to(**to), mb.targets.to(**to), mb.cu_seq_lens.to(**to), mb.max_length
+    )
+
+
+def clip_gradients(model, max_norm: float) -> float:
+    """Global gradient norm before clipping (FSDP2 grads are DTensors: the norm covers every rank's shard)."""
+    import torch
+
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def train(cfg: TrainConfig):
+    import torch
+
+    import checkpoint
+    import setup_model
+    from batch_metrics import MetricsLog, step_metrics
+    from sampler import GlobalSampler, Prefetcher, load_tokenized
+    from utils import all_reduce_sum, destroy_distributed, init_distributed
+
+    cfg.validate()
+    model_config = setup_model.check_model_path(cfg.model_name_or_path)
+    dist = init_distributed()
+    try:
+        cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
+        cfg.attn_implementation = setup_model.resolve_attn_implementation(cfg.attn_implementation, dist.device)
+        cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
+        output_dir = Path(cfg.output_dir)
+        if dist.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_partial_saves(output_dir)
+        torch.manual_seed(cfg.seed)
+
+        data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu)
+        if int(data.input_ids.max()) >= model_config.vocab_size:
+            fail(
+                f"--data-path {cfg.data_path}: token id {int(data.input_ids.max())} is outside the model's vocabulary"
+                f" ({model_config.vocab_size}); was it tokenized for another model?"
+            )
+        model = setup_model.setup_model(cfg, dist, model_config)
+        optimizer = setup_model.build_optimizer(cfg, model, dist.device)
+        num_steps = total_steps(cfg, len(data))
+        scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
+        sampler = GlobalSampler(len(data), cfg.seed)
+        state = checkpoint.TrainState()
+        run_identity = checkpoint.run_identity(model_config, data)
+        resume_path = checkpoint.find_resume_path(cfg, output_dir)
+        if resume_path is not None:
+            state = checkpoint.load(resume_path, model, optimizer, scheduler, sampler, run_identity, dist)
+            log(f"resumed from {resume_path} at step {state.step} ({state.samples_seen} samples seen)")
+        if dist.is_main:
+            write_training_params(cfg, dist, output_dir / "training_params.json")
+        log(
+            f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
+            f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
+        )
+
+        saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity)
+        metrics = MetricsLog(output_dir, dist.is_main, num_steps)
+        steps = Prefetcher(
+            data,
+            sampler,
+            batch_sizes(cfg, len(data), state.step, state.samples_seen),
+            cfg.max_tokens_per_gpu,
+            dist.rank,
+            dist.world_size,
+            model_config.pad_token_id or 0,
+        )
+        step_timer = Timer()
+        for batch in steps:
+            step = state.step + 1
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+            for mb in batch.minibatches:
+                loss = forward_loss_sum(model, mb, dist.device)
+                # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
+                (loss * dist.world_size / batch.num_loss_tokens).backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_gradients(model, cfg.max_grad_norm)
+            loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                fail(
+                    f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopped before the "
+                    "optimizer step"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.advance(batch)
+            metrics.write(
+                step_metrics(
+                    step=step,
+                    batch=batch,
+                    lr=lr,
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    time_per_step=step_timer.elapsed(),
+                    state=state,
+                    device=dist.device,
+                )
+            )
+            step_timer = Timer()
+            if saver.maybe_save(model, optimizer, scheduler, state):
+                break  # a preemption signal arrived: saved, now exit cleanly
+        steps.close()
+        saver.save_final(model, optimizer, scheduler, state)
+        log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
+    finally:
+        destroy_distributed()
+
+
+def _cli_from_config(run):
+    """A typer command whose options are TrainConfig's fields (one typed config, no second list of flags)."""
+    params, annotations = [], {}
+    for f in fields(TrainConfig):
+        default = ... if f.default is MISSING else f.default
+        opt = typer.Option(default, *f.metadata["flags"], help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=f.type))
+        annotations[f.name] = f.type
+
+    def command(**kwargs):
+        run(TrainConfig(**kwargs))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = annotations
+    command.__doc__ = __doc__.split("\n\n")[0]
+    return command
+
+
+def main(argv=None):
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(_cli_from_config(exit_on_user_error(train)))
+    app(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
