@@ -1,0 +1,334 @@
+"""The training core: exact loss whatever the packing or world size, packed == separate forwards, clear errors."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import setup_model
+import tiny_model
+from sampler import GlobalSampler, collate, load_tokenized
+
+CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
+STEPS, BATCH, LR = 3, 8, 1e-3
+
+
+@pytest.fixture(scope="module")
+def data_path(qwen_dir, tmp_path_factory):
+    """64 tokenized conversations of at most CAP_SMALL tokens, through the real process_data CLI."""
+    d = tmp_path_factory.mktemp("data")
+    src = tiny_model.write_jsonl(d / "messages.jsonl", tiny_model.make_conversations(120, seed=11, max_words=40))
+    out = d / "data.jsonl"
+    r = run_script(
+        ROOT / "process_data.py",
+        "--input-file",
+        src,
+        "--output-file",
+        out,
+        "--model-name-or-path",
+        qwen_dir,
+        "--max-sample-num-tokens",
+        CAP_SMALL,
+        "--num-proc",
+        1,
+    )
+    assert r.returncode == 0, r.stderr
+    assert sum(1 for _ in open(out)) >= 64
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(model_dir, data_path, out_dir, cap, *extra):
+    return [
+        "--model-name-or-path",
+        model_dir,
+        "--data-path",
+        data_path,
+        "--output-dir",
+        out_dir,
+        "--batch-size",
+        BATCH,
+        "--max-tokens-per-gpu",
+        cap,
+        "--max-steps",
+        STEPS,
+        "--learning-rate",
+        LR,
+        "--seed",
+        3,
+        *extra,
+    ]
+
+
+def torchrun(*args, nproc=1, extra_env=None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(ROOT / "train.py"),
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=extra_env)
+
+
+def read_run(out_dir):
+    metrics = [json.loads(line) for line in open(out_dir / "training_metrics_0.jsonl")]
+    (hf,) = (out_dir / "hf_format").glob("samples_*")
+    return metrics, load_file(hf / "model.safetensors")
+
+
+def reference_run(model_dir, data_path, cap):
+    """Unpacked, per-sample, plain HF forward with HF's own shifted loss; the same global batches and AdamW."""
+    data = load_tokenized(data_path, cap)
+    order = GlobalSampler(len(data), seed=3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        samples = []
+        for i in order.next_indices(BATCH).tolist():
+            s, e = data.offsets[i], data.offsets[i + 1]
+            samples.append(
+                (
+                    torch.tensor(data.input_ids[s:e], dtype=torch.long)[None],
+                    torch.tensor(data.labels[s:e], dtype=torch.long)[None],
+                )
+            )
+        counts = [int((labels[0, 1:] != -100).sum()) for _, labels in samples]
+        total, loss_sum = sum(counts), 0.0
+        for (ids, labels), n in zip(samples, counts):
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss  # mean over this sample's targets
+            (loss * n / total).backward()
+            loss_sum += loss.item() * n
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss_sum / total)
+    return losses, norms, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def assert_same_run(metrics, weights, ref_losses, ref_norms, ref_weights):
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for m, loss, norm in zip(metrics, ref_losses, ref_norms):
+        assert m["loss"] == pytest.approx(loss, rel=1e-4)
+        assert m["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    for name, ref in ref_weights.items():
+        assert torch.allclose(weights[name], ref, atol=2e-5, rtol=0), name
+
+
+def test_packed_forward_equals_separate_forwards(qwen_dir, data_path):
+    """The packed row's summed loss and gradients equal those of separate per-sample forwards."""
+    impl = setup_model.resolve_attn_implementation("auto", torch.device("cpu"))
+    assert impl == setup_model.VARLEN_SDPA
+    data = load_tokenized(data_path, 10_000)
+    idx = list(range(6))
+    results = {}
+    for name in (impl, "sdpa", "separate"):
+        lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation="eager" if name == "separate" else name)
+        lm.train()
+        if name == "separate":
+            loss = 0
+            for i in idx:
+                mb = collate(data, [i])
+                logits = lm(input_ids=mb.input_ids, use_cache=False).logits[0]
+                loss = loss + torch.nn.functional.cross_entropy(logits, mb.targets[0], reduction="sum")
+        else:
+            mb = collate(data, idx)
+            loss = setup_model.LossModel(lm)(mb.input_ids, mb.position_ids, mb.targets, mb.cu_seq_lens, mb.max_length)
+        loss.backward()
+        results[name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
+    ref_loss, ref_grads = results["separate"]
+    for name in (impl, "sdpa"):
+        loss, grads = results[name]
+        assert loss == pytest.approx(ref_loss, rel=1e-5), name
+        for n, g in ref_grads.items():
+            assert torch.allclose(grads[n], g, atol=1e-5, rtol=1e-4), (name, n)
+
+
+def test_one_rank_many_minibatches_two_ranks_two_nodes_equal_reference(qwen_dir, data_path, tmp_path):
+    ref = reference_run(qwen_dir, data_path, CAP_SMALL)
+
+    r = run_script(ROOT / "train.py", *train_args(qwen_dir, data_path, tmp_path / "one", 4096))
+    assert r.returncode == 0, r.stderr
+    metrics, weights = read_run(tmp_path / "one")
+    assert all(m["num_minibatches"] == 1 for m in metrics)
+    assert_same_run(metrics, weights, *ref)
+
+    r = run_script(ROOT / "train.py", *train_args(qwen_dir, data_path, tmp_path / "many", CAP_SMALL))
+    assert r.returncode == 0, r.stderr
+    metrics, weights = read_run(tmp_path / "many")
+    assert all(m["num_minibatches"] >= 3 for m in metrics)
+    assert_same_run(metrics, weights, *ref)
+
+    r = torchrun(*train_args(qwen_dir, data_path, tmp_path / "two", CAP_SMALL), nproc=2)
+    assert r.returncode == 0, r.stderr
+    metrics, weights = read_run(tmp_path / "two")
+    assert_same_run(metrics, weights, *ref)
+    params = json.loads((tmp_path / "two" / "training_params.json").read_text())
+    assert params["world_size"] == 2 and params["batch_size"] == BATCH and "torch" in params["versions"]
+
+    # Two nodes of one process each, rendezvous on localhost.
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(ROOT / "train.py"),
+                *map(str, train_args(qwen_dir, data_path, tmp_path / "nodes", CAP_SMALL)),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    metrics, weights = read_run(tmp_path / "nodes")
+    assert_same_run(metrics, weights, *ref)
+
+
+def test_metrics_fields_and_loss_decreases(qwen_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(
+        ROOT / "train.py",
+        "--model-name-or-path",
+        qwen_dir,
+        "--data-path",
+        data_path,
+        "--output-dir",
+        out,
+        "--batch-size",
+        16,
+        "--max-tokens-per-gpu",
+        2048,
+        "--max-epochs",
+        2,
+        "--learning-rate",
+        3e-3,
+        "--lr-scheduler",
+        "cosine",
+        "--num-warmup-steps",
+        2,
+        "--no-save-final-checkpoint",
+    )
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(out / "training_metrics_0.jsonl")]
+    num_samples = len(load_tokenized(data_path, 2048))
+    assert len(metrics) == -(-2 * num_samples // 16)
+    assert sum(m["num_samples"] for m in metrics) == 2 * num_samples, "exactly two epochs"
+    assert metrics[-1]["samples_seen"] == 2 * num_samples
+    required = [
+        "step",
+        "epoch",
+        "lr",
+        "loss",
+        "grad_norm",
+        "num_samples",
+        "num_loss_counted_tokens",
+        "num_total_tokens",
+        "num_minibatches",
+        "tokens_per_second",
+        "samples_per_second",
+        "samples_seen",
+        "tokens_seen",
+        "time_per_step",
+        "peak_memory_gb",
+        "timestamp",
+    ]
+    for m in metrics:
+        assert set(required) <= set(m)
+        assert m["tokens_per_second"] == pytest.approx(m["num_total_tokens"] / m["time_per_step"])
+    assert [m["epoch"] for m in metrics][0] == 0 and metrics[-1]["epoch"] == 1
+    assert metrics[0]["lr"] == 0 and metrics[2]["lr"] == pytest.approx(3e-3, rel=0.05)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+    assert "step 1/" in r.stdout and "ETA" in r.stdout
+    assert not (out / "hf_format").exists()
+
+
+def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
+    r = run_script(
+        ROOT / "train.py",
+        *train_args(qwen_dir, data_path, tmp_path / "nan", 4096, "--learning-rate", "1e30", "--max-grad-norm", 0),
+    )
+    assert r.returncode == 2
+    assert "non-finite loss" in r.stderr and "step 2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("batch_size_0", "--batch-size must be >= 1"),
+        ("conflicting_lengths", "--max-steps and --max-epochs conflict"),
+        ("missing_model", "--model-name-or-path"),
+        ("not_a_model", "not a loadable model"),
+        ("not_tokenized", "not a tokenized sample"),
+        ("nothing_fits", "fits --max-tokens-per-gpu"),
+    ],
+)
+def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
+    args = dict(model=qwen_dir, data=data_path, bs=4, cap=4096, extra=[])
+    if case == "batch_size_0":
+        args["bs"] = 0
+    elif case == "conflicting_lengths":
+        args["extra"] = ["--max-epochs", 1]
+    elif case == "missing_model":
+        args["model"] = tmp_path / "nope"
+    elif case == "not_a_model":
+        (tmp_path / "empty").mkdir()
+        args["model"] = tmp_path / "empty"
+    elif case == "not_tokenized":
+        args["data"] = tiny_model.write_jsonl(tmp_path / "m.jsonl", tiny_model.make_conversations(3))
+    elif case == "nothing_fits":
+        args["cap"] = 3
+    r = run_script(
+        ROOT / "train.py",
+        "--model-name-or-path",
+        args["model"],
+        "--data-path",
+        args["data"],
+        "--output-dir",
+        tmp_path / "o",
+        "--batch-size",
+        args["bs"],
+        "--max-tokens-per-gpu",
+        args["cap"],
+        "--max-steps",
+        1,
+        *args["extra"],
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr
+    assert lines[-1].startswith("error: ") and expected in lines[-1], r.stderr
