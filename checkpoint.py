@@ -181,10 +181,10 @@ class Saver:
     """Decides when to save (every --min-samples-per-checkpoint samples, at the end, on SIGTERM/SIGUSR1) and
     writes checkpoints. Decisions are agreed across ranks."""
 
-    def __init__(self, cfg, output_dir: Path, dist, model_config, identity: dict):
+    def __init__(self, cfg, output_dir: Path, dist, model_config, identity: dict, resumed_at: int = 0):
         self.cfg, self.output_dir, self.dist = cfg, Path(output_dir), dist
         self.model_config, self.identity = model_config, identity
-        self.last_saved_samples = None
+        self.last_saved_samples = resumed_at or None  # a resumed run does not save its starting point again
         self.signal_received = None
         self.tokenizer = self.generation_config = None
         if dist.is_main:

@@ -196,7 +196,8 @@ def train(cfg: TrainConfig):
             f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
         )
 
-        saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity)
+        start_step = state.step
+        saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity, resumed_at=state.samples_seen)
         metrics = MetricsLog(output_dir, dist.is_main, num_steps)
         steps = Prefetcher(
             data,
@@ -246,6 +247,8 @@ def train(cfg: TrainConfig):
                 break  # a preemption signal arrived: saved, now exit cleanly
         steps.close()
         saver.save_final(model, optimizer, scheduler, state)
+        if state.step == start_step:
+            log(f"nothing to do: the run already reached step {state.step}")
         log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
     finally:
         destroy_distributed()
