@@ -1,0 +1,236 @@
+"""checkpoint.py: HF-loadable saves, atomic publishing, exact resume after SIGKILL, resume on another world size."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+from safetensors.torch import load_file
+from test_train import CAP_SMALL, torchrun
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tiny_model
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def data_path(qwen_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt_data")
+    src = tiny_model.write_jsonl(d / "messages.jsonl", tiny_model.make_conversations(100, seed=21, max_words=40))
+    out = d / "data.jsonl"
+    r = run_script(
+        ROOT / "process_data.py",
+        "--input-file",
+        src,
+        "--output-file",
+        out,
+        "--model-name-or-path",
+        qwen_dir,
+        "--max-sample-num-tokens",
+        CAP_SMALL,
+        "--num-proc",
+        1,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def args(model, data, out, steps, *extra):
+    return [
+        ROOT / "train.py",
+        "--model-name-or-path",
+        model,
+        "--data-path",
+        data,
+        "--output-dir",
+        out,
+        "--batch-size",
+        BATCH,
+        "--max-tokens-per-gpu",
+        CAP_SMALL,
+        "--max-steps",
+        steps,
+        "--learning-rate",
+        1e-3,
+        "--seed",
+        5,
+        *extra,
+    ]
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "training_metrics_0.jsonl")]
+
+
+def weights(out, samples):
+    return load_file(out / "hf_format" / f"samples_{samples}" / "model.safetensors")
+
+
+def names(out, kind):
+    return sorted(p.name for p in (out / kind).iterdir()) if (out / kind).exists() else []
+
+
+def test_sigkill_during_save_then_resume_is_exact(qwen_dir, data_path, tmp_path):
+    steps = 12
+    ref_out = tmp_path / "ref"
+    r = run_script(*args(qwen_dir, data_path, ref_out, steps))
+    assert r.returncode == 0, r.stderr
+    ref_metrics, ref_weights = metrics(ref_out), weights(ref_out, steps * BATCH)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args(qwen_dir, data_path, out, steps, "--min-samples-per-checkpoint", 16))],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Kill the moment the second save (samples_32) is under way: busy-wait for its temporary folder.
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any((out / kind / ".tmp-samples_32").exists() for kind in ("full_state", "hf_format")):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert "samples_16" in names(out, "full_state") and "samples_16" in names(out, "hf_format")
+    assert "samples_96" not in names(out, "hf_format"), "the run was killed before it finished"
+    partial = [n for kind in ("full_state", "hf_format") for n in names(out, kind) if n.startswith(".tmp-")]
+    steps_before_kill = len(metrics(out))
+
+    r = run_script(*args(qwen_dir, data_path, out, steps, "--min-samples-per-checkpoint", 16, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    for kind in ("full_state", "hf_format"):
+        assert not [n for n in names(out, kind) if n.startswith(".")], "leftovers of the killed save are removed"
+    resumed = metrics(out)[steps_before_kill:]
+    start = resumed[0]["step"]
+    assert start in (3, 5) and (start == 3) == bool(partial), "resumed from the newest complete state"
+    for m in resumed:
+        ref = ref_metrics[m["step"] - 1]
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-6) and m["samples_seen"] == ref["samples_seen"]
+    final = weights(out, steps * BATCH)
+    for name, ref in ref_weights.items():
+        assert (final[name] - ref).abs().max() <= 1e-6, name
+
+
+def test_two_ranks_resumed_on_one_extends_a_finished_run(qwen_dir, data_path, tmp_path):
+    ref_out = tmp_path / "ref"
+    r = run_script(*args(qwen_dir, data_path, ref_out, 6))
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "run"
+    r = torchrun(*args(qwen_dir, data_path, out, 3)[1:], nproc=2)
+    assert r.returncode == 0, r.stderr
+    assert names(out, "hf_format") == ["samples_24"]
+
+    r = run_script(*args(qwen_dir, data_path, out, 3, "--resume"))  # the same length: nothing to do
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    assert len(metrics(out)) == 3
+
+    r = run_script(*args(qwen_dir, data_path, out, 6, "--resume"))  # a larger --max-steps extends it on 1 rank
+    assert r.returncode == 0, r.stderr
+    got, ref = metrics(out), metrics(ref_out)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    for m, e in zip(got, ref):
+        assert m["loss"] == pytest.approx(e["loss"], rel=1e-4)
+        assert m["samples_seen"] == e["samples_seen"]
+    # Summation order differs between 2 and 1 ranks. Adam turns a noise-level gradient (a token seen once) into an
+    # lr-sized step, so a rare embedding row may move by a fraction of lr; everything else agrees to ~1e-8.
+    for name, w in weights(ref_out, 48).items():
+        diff = (weights(out, 48)[name] - w).abs()
+        assert diff.max() <= 2e-4 and diff.mean() <= 1e-7, name
+
+
+def test_sigterm_saves_and_stops(qwen_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args(qwen_dir, data_path, out, 100_000))],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "training_metrics_0.jsonl").exists() and len(metrics(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "preemption signal received" in stdout
+    done = metrics(out)[-1]
+    assert names(out, "hf_format") == [f"samples_{done['samples_seen']}"]
+    assert names(out, "full_state") == [f"samples_{done['samples_seen']}"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_checkpoint_loads_and_generates_without_leantrain(qwen_dir, data_path, tmp_path, dtype):
+    out = tmp_path / "run"
+    r = run_script(*args(qwen_dir, data_path, out, 2, "--save-dtype", dtype))
+    assert r.returncode == 0, r.stderr
+    hf = out / "hf_format" / "samples_16"
+    assert json.loads((hf / "config.json").read_text())["dtype"] == dtype
+    assert all(t.dtype == getattr(torch, dtype) for t in load_file(hf / "model.safetensors").values())
+    assert (hf / "generation_config.json").is_file()
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        f"assert m.dtype == torch.{dtype}, m.dtype\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], add_generation_prompt=True,"
+        " return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**ids, max_new_tokens=5, do_sample=False)\n"
+        "print('generated', out.shape[1] - ids['input_ids'].shape[1])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(hf)], cwd="/", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "generated" in r.stdout
+
+
+def test_pruning_keeps_the_newest(qwen_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*args(qwen_dir, data_path, out, 5, "--min-samples-per-checkpoint", 8, "--keep-last-checkpoints", 2))
+    assert r.returncode == 0, r.stderr
+    assert names(out, "hf_format") == ["samples_32", "samples_40"]
+    assert names(out, "full_state") == ["samples_32", "samples_40"]
+
+
+def test_resume_refuses_an_incompatible_run_and_starts_fresh_when_empty(qwen_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*args(qwen_dir, data_path, out, 1, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint" in r.stdout and "starting from scratch" in r.stdout
+
+    other_data = tmp_path / "other.jsonl"
+    lines = open(data_path).read().splitlines()
+    other_data.write_text("\n".join(lines[1:]) + "\n")
+    r = run_script(*args(qwen_dir, other_data, out, 2, "--resume"))
+    assert r.returncode == 2 and "other data" in r.stderr and "Traceback" not in r.stderr
+
+    other_model = tiny_model.build_model(tmp_path / "wider", hidden_size=64, intermediate_size=128)
+    r = run_script(*args(other_model, data_path, out, 2, "--resume"))
+    assert r.returncode == 2 and "another model" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_script(*args(qwen_dir, data_path, out, 2, "--resume-from", tmp_path / "nowhere"))
+    assert r.returncode == 2 and "not a complete training state" in r.stderr
+
+
+def test_partial_saves_are_cleaned_and_never_resumed(qwen_dir, data_path, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*args(qwen_dir, data_path, out, 1))
+    assert r.returncode == 0, r.stderr
+    junk = out / "full_state" / ".tmp-samples_800"
+    junk.mkdir()
+    (junk / "trainer_state.json").write_text("{ half written")
+    r = run_script(*args(qwen_dir, data_path, out, 2, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "samples_8" in r.stdout
+    assert not junk.exists()
+    assert names(out, "hf_format") == ["samples_16", "samples_8"]
+    model = AutoModelForCausalLM.from_pretrained(out / "hf_format" / "samples_16")
+    assert AutoTokenizer.from_pretrained(out / "hf_format" / "samples_16").eos_token == "<|im_end|>"
+    assert model.config.vocab_size == tiny_model.VOCAB_SIZE
