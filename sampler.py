@@ -228,14 +228,42 @@ def _best_fit(sorted_lengths, num_bins, capacity):
     return assign, loads, True
 
 
-def minibatch_lower_bound(lengths: np.ndarray, capacity: int, num_ranks: int) -> int:
-    """No plan can use fewer minibatches: total tokens over total capacity, and one bin per item over half
-    the capacity (no two of them share a bin)."""
+@numba.njit(cache=True)
+def _lower_bound(lengths, capacity, num_ranks):
     if len(lengths) == 0:
         return 0
-    by_tokens = -(-int(lengths.sum()) // (capacity * num_ranks))
-    by_big_items = -(-int((lengths > capacity // 2).sum()) // num_ranks)
+    by_tokens = -(-lengths.sum() // (capacity * num_ranks))
+    by_big_items = -(-(lengths > capacity // 2).sum() // num_ranks)
     return max(1, by_tokens, by_big_items)
+
+
+def minibatch_lower_bound(lengths, capacity: int, num_ranks: int) -> int:
+    """No plan can use fewer minibatches: total tokens over total capacity, and one bin per item over half
+    the capacity (no two of them share a bin)."""
+    return int(_lower_bound(np.asarray(lengths, dtype=np.int64), capacity, num_ranks))
+
+
+@numba.njit(cache=True)
+def _plan(lengths, capacity, num_ranks):
+    """Returns (number of minibatches, items longest first, and the minibatch and rank of each of them)."""
+    order = np.argsort(-lengths, kind="mergesort")
+    sorted_lengths = lengths[order]
+    num_minibatches = _lower_bound(lengths, capacity, num_ranks)
+    assign = np.zeros(len(lengths), np.int64)
+    loads = np.zeros(1, np.int64)
+    while num_minibatches > 0:
+        num_bins = num_minibatches * num_ranks
+        assign, loads, ok = _lpt(sorted_lengths, num_bins, capacity)
+        if not ok:
+            assign, loads, ok = _best_fit(sorted_lengths, num_bins, capacity)
+        if ok:
+            break
+        num_minibatches += 1
+    # Deal the bins out heaviest first, num_ranks at a time: the ranks of one minibatch carry similar loads.
+    slot = np.empty(len(loads), np.int64)
+    slot[np.argsort(-loads, kind="mergesort")] = np.arange(len(loads))
+    item_slot = slot[assign]
+    return num_minibatches, order, item_slot // num_ranks, item_slot % num_ranks
 
 
 def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int) -> list[list[list[int]]]:
@@ -251,27 +279,11 @@ def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int) -> list[
         raise ValueError("need num_ranks >= 1 and max_tokens_per_rank >= 1")
     if len(lengths) and lengths.max() > max_tokens_per_rank:
         raise ValueError(f"a sample of {lengths.max()} tokens exceeds the capacity of {max_tokens_per_rank}")
-    order = np.argsort(-lengths, kind="stable")
-    sorted_lengths = lengths[order]
-    num_minibatches = minibatch_lower_bound(lengths, max_tokens_per_rank, num_ranks)
-    while num_minibatches:
-        num_bins = num_minibatches * num_ranks
-        assign, loads, ok = _lpt(sorted_lengths, num_bins, max_tokens_per_rank)
-        if not ok:
-            assign, loads, ok = _best_fit(sorted_lengths, num_bins, max_tokens_per_rank)
-        if ok:
-            break
-        num_minibatches += 1
-    plan = [[[] for _ in range(num_minibatches)] for _ in range(num_ranks)]
-    if not num_minibatches:
-        return plan
-    bins_by_load = np.argsort(-loads, kind="stable")  # heaviest first
-    slot = np.empty(len(bins_by_load), np.int64)
-    slot[bins_by_load] = np.arange(len(bins_by_load))
-    for item, b in zip(order.tolist(), assign.tolist()):
-        k, r = divmod(int(slot[b]), num_ranks)
-        plan[r][k].append(item)
-    return plan
+    m, order, minibatch, rank = _plan(lengths, max_tokens_per_rank, num_ranks)
+    cells = [[] for _ in range(num_ranks * m)]  # one flat comprehension: nested ones cost ~0.5 us per rank
+    for item, cell in zip(order.tolist(), (rank * m + minibatch).tolist()):
+        cells[cell].append(item)
+    return [cells[r * m : (r + 1) * m] for r in range(num_ranks)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
