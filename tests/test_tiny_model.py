@@ -1,5 +1,6 @@
 import json
 import time
+from dataclasses import fields
 
 import torch
 from conftest import ROOT, run_script
@@ -50,23 +51,33 @@ def test_build_is_deterministic(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ma.parameters(), mb.parameters()))
 
 
+PROCESS_DATA_FLAGS = [
+    "--input-file",
+    "--output-file",
+    "--model-name-or-path",
+    "--max-sample-num-tokens",
+    "--num-proc",
+    "--skip-invalid",
+]
+
+
+def train_flags():
+    from train import TrainConfig
+
+    return [f"--{f.name.replace('_', '-')}" for f in fields(TrainConfig)]
+
+
 def test_cli_help_is_fast_and_complete():
-    for script, flags in [
-        (
-            "process_data.py",
-            [
-                "--input-file",
-                "--output-file",
-                "--model-name-or-path",
-                "--max-sample-num-tokens",
-                "--num-proc",
-                "--skip-invalid",
-            ],
-        ),
-    ]:
+    for script, flags in [("process_data.py", PROCESS_DATA_FLAGS), ("train.py", train_flags())]:
         start = time.perf_counter()
         result = run_script(ROOT / script, "--help", env={"COLUMNS": "200"})
         assert time.perf_counter() - start < 2.0, f"{script} --help is slow (heavy import at module level?)"
         assert result.returncode == 0
         for flag in flags:
-            assert flag in result.stdout
+            assert flag in result.stdout, (script, flag)
+
+
+def test_readme_documents_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    for flag in PROCESS_DATA_FLAGS + train_flags():
+        assert f"`{flag}" in readme, flag
