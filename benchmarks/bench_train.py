@@ -22,9 +22,8 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_process_data import TAGGED_CHATML  # noqa: E402
-
 import tiny_model  # noqa: E402
+from bench_process_data import TAGGED_CHATML  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 FIRST_MEASURED = 2  # steps 3..N: skip warm-up

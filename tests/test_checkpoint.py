@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script
 from safetensors.torch import load_file
-from test_train import CAP_SMALL, torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_model
+from conftest import ROOT, run_script
+from test_train import CAP_SMALL, torchrun
 
 BATCH = 8
 

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 import process_data
 import tiny_model
+from conftest import ROOT, run_script
 
 SYS = {"role": "system", "content": "You are terse."}
 U1 = {"role": "user", "content": "hello there, how are you?"}

@@ -3,10 +3,10 @@ import time
 from dataclasses import fields
 
 import torch
-from conftest import ROOT, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import tiny_model
+from conftest import ROOT, run_script
 
 
 def test_tokenizer_routes_agree(qwen_dir, llama_dir, tmp_path):

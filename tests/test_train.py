@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import setup_model
 import tiny_model
+from conftest import ROOT, run_script
 from sampler import GlobalSampler, collate, load_tokenized
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
