@@ -97,6 +97,19 @@ def assistant_spans(tokenizer, messages: list[dict], full_text: str, prefixes: l
     return spans
 
 
+def token_range(encoding, start: int, end: int) -> tuple[int, int]:
+    """First and last token of the character span [start, end): the token holding its first character through
+    the token holding its last (characters a normalizer dropped belong to no token: skip over them)."""
+    first = last = None
+    for char in range(start, end):
+        if (first := encoding.char_to_token(char)) is not None:
+            break
+    for char in range(end - 1, start - 1, -1):
+        if (last := encoding.char_to_token(char)) is not None:
+            break
+    return (first, last) if first is not None else (0, -1)
+
+
 def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_tokens: int | None) -> list[tuple]:
     """Tokenize one chunk of (line number, raw line). Returns per line one of:
     ("ok", output_json_line, length, num_loss_counted_tokens), ("drop", reason), ("invalid", lineno, reason, msg)."""
@@ -139,21 +152,20 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
         texts.append(text)
         positions.append(pos)
 
-    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python offsets are built
     samples = []  # (position, input_ids, labels)
-    for k, pos in enumerate(positions):
-        ids = np.asarray(encodings["input_ids"][k], dtype=np.int64)
-        offsets = np.asarray(encodings["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
-        in_span = np.zeros(len(ids), dtype=bool)
-        for start, end in spans_of[k]:
-            in_span |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-        samples.append((pos, ids, np.where(in_span, ids, -100)))
+    for pos, encoding, spans in zip(positions, backend.encode_batch(texts, add_special_tokens=False), spans_of):
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        labels = np.full(len(ids), -100, dtype=np.int64)
+        for first, last in (token_range(encoding, start, end) for start, end in spans):
+            labels[first : last + 1] = ids[first : last + 1]
+        samples.append((pos, ids, labels))
 
     if pretrains:
         eos_id = tokenizer.eos_token_id
-        encoded = tokenizer([c for _, c in pretrains], add_special_tokens=False)["input_ids"]
-        for (pos, _), ids in zip(pretrains, encoded):
-            ids = np.asarray(ids + [eos_id], dtype=np.int64)
+        encoded = tokenizer.backend_tokenizer.encode_batch([c for _, c in pretrains], add_special_tokens=False)
+        for (pos, _), encoding in zip(pretrains, encoded):
+            ids = np.asarray(encoding.ids + [eos_id], dtype=np.int64)
             samples.append((pos, ids, ids))
 
     for pos, ids, labels in samples:
@@ -176,12 +188,12 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
     return results
 
 
-# Worker processes: each loads the tokenizer once, then tokenizes chunks.
+# Worker processes (forked: they inherit the parent's loaded tokenizer) tokenize chunks.
 _worker = {}
 
 
-def _init_worker(model_name_or_path: str, source: str, max_tokens: int | None):
-    _worker.update(tokenizer=load_tokenizer(model_name_or_path), source=source, max_tokens=max_tokens)
+def _init_worker(tokenizer, source: str, max_tokens: int | None):
+    _worker.update(tokenizer=tokenizer, source=source, max_tokens=max_tokens)
 
 
 def _run_chunk(chunk):
@@ -293,9 +305,7 @@ def main(
     try:
         chunks = read_chunks(input_file)
         if num_proc > 1:
-            pool = mp.get_context("fork").Pool(
-                num_proc, _init_worker, (model_name_or_path, source, max_sample_num_tokens)
-            )
+            pool = mp.get_context("fork").Pool(num_proc, _init_worker, (tokenizer, source, max_sample_num_tokens))
             results = pool.imap(_run_chunk, chunks)
         else:
             results = (process_chunk(tokenizer, c, source, max_sample_num_tokens) for c in chunks)

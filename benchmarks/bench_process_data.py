@@ -8,7 +8,8 @@ turns) and the same tiny ChatML tokenizer. TRL gets the same template with `{% g
 assistant-only loss requires. Samples/s over the whole run:
 - leantrain: the real CLI (`process_data.py`, default --num-proc = CPUs), process start-up included;
 - raw limit: `tokenizer(texts)` on the already rendered conversations (Rust, all cores), no template, no labels;
-- TRL: `SFTTrainer(..., assistant_only_loss=True)` construction, i.e. its dataset tokenization, 2 processes.
+- TRL: `SFTTrainer(..., assistant_only_loss=True)` construction, i.e. its dataset tokenization: as configured by
+  default (one process), and with `dataset_num_proc` = CPUs.
 """
 
 import os
@@ -70,7 +71,7 @@ def bench_raw(conversations, tok_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def bench_trl(conversations, tok_dir: Path, model_dir: Path, work: Path) -> float:
+def bench_trl(conversations, tok_dir: Path, model_dir: Path, work: Path, num_proc: int | None) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -105,23 +106,33 @@ def main(num_conversations: int = typer.Option(20000, help="Conversations to gen
         src = work / "messages.jsonl"
         src.write_text("".join(json.dumps(c) + "\n" for c in conversations))
         t_lt = bench_leantrain(src, model_dir, work)
+        one = tiny_model.write_jsonl(work / "one.jsonl", conversations[:1])
+        t_startup = bench_leantrain(one, model_dir, work, "one_out.jsonl")  # imports (torch via transformers), load
         tokens = sum(json.loads(line)["len"] for line in open(work / "out.jsonl"))
         t_raw = bench_raw(conversations, model_dir)
         try:
-            t_trl = bench_trl(conversations, model_dir, model_dir, work)
+            cpus = len(os.sched_getaffinity(0))
+            t_trl = {
+                "default: 1 process": bench_trl(conversations, model_dir, model_dir, work, None),
+                f"{cpus} processes": bench_trl(conversations, model_dir, model_dir, work, cpus),
+            }
         except ImportError:
-            t_trl = None
+            t_trl = {}
             print("TRL not installed (pip install -e '.[bench]'): skipping its column")
     n = num_conversations
     print(f"{n} conversations, {tokens} tokens ({tokens / n:.0f} per conversation), {os.cpu_count()} CPUs")
-    print(f"leantrain process_data.py: {n / t_lt:8.0f} samples/s ({t_lt:.1f} s, start-up included)")
+    print(
+        f"leantrain process_data.py: {n / t_lt:8.0f} samples/s ({t_lt:.1f} s, start-up included); "
+        f"{n / (t_lt - t_startup):.0f} samples/s without the {t_startup:.1f} s start-up of a 1-line run"
+    )
     print(
         f"raw fast tokenizer limit : {n / t_raw:8.0f} samples/s ({t_raw:.1f} s)  -> leantrain at "
-        f"{t_raw / t_lt:.2f}x of the limit ({t_lt / t_raw:.2f}x slower)"
+        f"{t_raw / t_lt:.2f}x of the limit ({t_lt / t_raw:.2f}x slower; {(t_lt - t_startup) / t_raw:.2f}x without start-up)"
     )
-    if t_trl is not None:
+    for how, t in t_trl.items():
         print(
-            f"TRL SFTTrainer prep      : {n / t_trl:8.0f} samples/s ({t_trl:.1f} s)  -> leantrain {t_trl / t_lt:.2f}x TRL"
+            f"TRL SFTTrainer prep ({how}): {n / t:6.0f} samples/s ({t:.1f} s)  -> leantrain {t / t_lt:.2f}x TRL "
+            f"({t / (t_lt - t_startup):.2f}x without start-up)"
         )
 
 
