@@ -45,6 +45,21 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# The same ChatML with `{% generation %}` tags around each assistant turn (through `<|im_end|>`): renders the
+# same text; for peers (TRL's assistant-only loss) and tests that rely on transformers' assistant masks.
+CHATML_GENERATION_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # Llama-3 header style: a BOS, role headers, `<|eot_id|>` ends each turn, no newline after it.
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"

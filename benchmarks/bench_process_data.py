@@ -25,21 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tiny_model  # noqa: E402
 
-TAGGED_CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}{% generation %}"
-    "{%- if message.get('reasoning_content') %}"
-    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
-
-def bench_leantrain(src: Path, tok_dir: Path, work: Path) -> float:
+def bench_leantrain(src: Path, tok_dir: Path, work: Path, out_name: str = "out.jsonl") -> float:
     start = time.perf_counter()
     r = subprocess.run(
         [
@@ -48,7 +35,7 @@ def bench_leantrain(src: Path, tok_dir: Path, work: Path) -> float:
             "--input-file",
             str(src),
             "--output-file",
-            str(work / "out.jsonl"),
+            str(work / out_name),
             "--model-name-or-path",
             str(tok_dir),
         ],
@@ -77,7 +64,7 @@ def bench_trl(conversations, tok_dir: Path, model_dir: Path, work: Path, num_pro
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    tokenizer.chat_template = TAGGED_CHATML
+    tokenizer.chat_template = tiny_model.CHATML_GENERATION_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     dataset = Dataset.from_list(conversations)
     config = SFTConfig(

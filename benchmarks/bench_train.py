@@ -23,7 +23,6 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tiny_model  # noqa: E402
-from bench_process_data import TAGGED_CHATML  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 FIRST_MEASURED = 2  # steps 3..N: skip warm-up
@@ -81,7 +80,7 @@ def trl(model_dir: Path, messages: Path, steps: int, batch_size: int, result: Pa
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = TAGGED_CHATML
+    tokenizer.chat_template = tiny_model.CHATML_GENERATION_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     dataset = Dataset.from_list([json.loads(line) for line in open(messages)])
     ends, tokens = [], []

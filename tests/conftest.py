@@ -25,6 +25,30 @@ def llama_dir(tmp_path_factory) -> Path:
     return tiny_model.build_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
 
 
+def tokenize(messages_path: Path, model_dir: Path, out: Path, *flags) -> Path:
+    """Run the real process_data CLI (asserting success) and return the tokenized file."""
+    r = run_script(
+        ROOT / "process_data.py",
+        "--input-file",
+        messages_path,
+        "--output-file",
+        out,
+        "--model-name-or-path",
+        model_dir,
+        *flags,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def tokenized_conversations(directory: Path, model_dir: Path, n: int, seed: int, max_tokens: int) -> Path:
+    """n synthetic short conversations, tokenized, keeping samples of at most max_tokens tokens."""
+    src = tiny_model.write_jsonl(
+        directory / "messages.jsonl", tiny_model.make_conversations(n, seed=seed, max_words=40)
+    )
+    return tokenize(src, model_dir, directory / "data.jsonl", "--max-sample-num-tokens", max_tokens, "--num-proc", 1)
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Run a repo script as a user would (a fresh interpreter); returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_model
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tokenized_conversations
 from test_train import CAP_SMALL, torchrun
 
 BATCH = 8
@@ -20,24 +20,7 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def data_path(qwen_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt_data")
-    src = tiny_model.write_jsonl(d / "messages.jsonl", tiny_model.make_conversations(100, seed=21, max_words=40))
-    out = d / "data.jsonl"
-    r = run_script(
-        ROOT / "process_data.py",
-        "--input-file",
-        src,
-        "--output-file",
-        out,
-        "--model-name-or-path",
-        qwen_dir,
-        "--max-sample-num-tokens",
-        CAP_SMALL,
-        "--num-proc",
-        1,
-    )
-    assert r.returncode == 0, r.stderr
-    return out
+    return tokenized_conversations(tmp_path_factory.mktemp("ckpt_data"), qwen_dir, 100, seed=21, max_tokens=CAP_SMALL)
 
 
 def args(model, data, out, steps, *extra):

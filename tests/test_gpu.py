@@ -7,7 +7,7 @@ import json
 import pytest
 
 import tiny_model
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tokenize
 
 
 @pytest.mark.gpu
@@ -16,11 +16,7 @@ def test_bf16_training_on_gpu(qwen_dir, tmp_path, liger):
     if liger and importlib.util.find_spec("liger_kernel") is None:
         pytest.skip("liger-kernel not installed")
     src = tiny_model.write_jsonl(tmp_path / "m.jsonl", tiny_model.make_conversations(64, seed=1))
-    data = tmp_path / "d.jsonl"
-    r = run_script(
-        ROOT / "process_data.py", "--input-file", src, "--output-file", data, "--model-name-or-path", qwen_dir
-    )
-    assert r.returncode == 0, r.stderr
+    data = tokenize(src, qwen_dir, tmp_path / "d.jsonl")
     out = tmp_path / "run"
     r = run_script(
         ROOT / "train.py",

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import process_data
 import tiny_model
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tokenize
 
 SYS = {"role": "system", "content": "You are terse."}
 U1 = {"role": "user", "content": "hello there, how are you?"}
@@ -29,18 +29,6 @@ ROLE_COMBOS = {
 }
 
 # The same templates with `{% generation %}` tags: transformers' own assistant mask is the oracle for our rule.
-CHATML_TAGGED = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}{% generation %}"
-    "{%- if message.get('reasoning_content') %}"
-    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 LLAMA3_TAGGED = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
@@ -108,7 +96,8 @@ def make_tokenizer_dir(tmp_path, template_name, chat_template=None):
 
 
 @pytest.mark.parametrize(
-    "style,tagged", [("chatml", CHATML_TAGGED), ("llama3", LLAMA3_TAGGED), ("mistral", MISTRAL_TAGGED)]
+    "style,tagged",
+    [("chatml", tiny_model.CHATML_GENERATION_TEMPLATE), ("llama3", LLAMA3_TAGGED), ("mistral", MISTRAL_TAGGED)],
 )
 def test_labels_match_transformers_generation_mask(tmp_path, style, tagged):
     tok_dir = make_tokenizer_dir(tmp_path, style, MISTRAL if style == "mistral" else None)
@@ -244,19 +233,7 @@ def test_parallel_output_equals_serial_and_cli_has_no_traceback(tmp_path, qwen_d
     src = tiny_model.write_jsonl(tmp_path / "big.jsonl", tiny_model.make_conversations(700, seed=5))
     outs = []
     for n in (1, 2):
-        out = tmp_path / f"out{n}.jsonl"
-        r = run_script(
-            ROOT / "process_data.py",
-            "--input-file",
-            src,
-            "--output-file",
-            out,
-            "--model-name-or-path",
-            qwen_dir,
-            "--num-proc",
-            n,
-        )
-        assert r.returncode == 0, r.stderr
+        out = tokenize(src, qwen_dir, tmp_path / f"out{n}.jsonl", "--num-proc", n)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert outs[0].count(b"\n") == 700

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import setup_model
 import tiny_model
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tokenized_conversations
 from sampler import GlobalSampler, collate, load_tokenized
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
@@ -21,24 +21,8 @@ STEPS, BATCH, LR = 3, 8, 1e-3
 
 @pytest.fixture(scope="module")
 def data_path(qwen_dir, tmp_path_factory):
-    """64 tokenized conversations of at most CAP_SMALL tokens, through the real process_data CLI."""
-    d = tmp_path_factory.mktemp("data")
-    src = tiny_model.write_jsonl(d / "messages.jsonl", tiny_model.make_conversations(120, seed=11, max_words=40))
-    out = d / "data.jsonl"
-    r = run_script(
-        ROOT / "process_data.py",
-        "--input-file",
-        src,
-        "--output-file",
-        out,
-        "--model-name-or-path",
-        qwen_dir,
-        "--max-sample-num-tokens",
-        CAP_SMALL,
-        "--num-proc",
-        1,
-    )
-    assert r.returncode == 0, r.stderr
+    """At least 64 tokenized conversations of at most CAP_SMALL tokens, through the real process_data CLI."""
+    out = tokenized_conversations(tmp_path_factory.mktemp("data"), qwen_dir, 120, seed=11, max_tokens=CAP_SMALL)
     assert sum(1 for _ in open(out)) >= 64
     return out
 
