@@ -150,6 +150,20 @@ def clip_gradients(model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def check_finite(step: int, loss: float, grad_norm: float):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        fail(f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopped before the optimizer step")
+
+
+def take_optimizer_step(optimizer, scheduler) -> float:
+    """AdamW step, then advance the schedule; returns the learning rate the step used."""
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def train(cfg: TrainConfig):
     import torch
 
@@ -209,7 +223,7 @@ def train(cfg: TrainConfig):
             model_config.pad_token_id or 0,
         )
         step_timer = Timer()
-        for batch in steps:
+        for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
             step = state.step + 1
             loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
             for mb in batch.minibatches:
@@ -219,16 +233,8 @@ def train(cfg: TrainConfig):
                 loss_sum += loss.detach()
             grad_norm = clip_gradients(model, cfg.max_grad_norm)
             loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                fail(
-                    f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopped before the "
-                    "optimizer step"
-                )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
+            lr = take_optimizer_step(optimizer, scheduler)
             state.advance(batch)
             metrics.write(
                 step_metrics(
@@ -242,9 +248,9 @@ def train(cfg: TrainConfig):
                     device=dist.device,
                 )
             )
-            step_timer = Timer()
             if saver.maybe_save(model, optimizer, scheduler, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
+            step_timer = Timer()  # after any save: a save is no part of the next step's time
         steps.close()
         saver.save_final(model, optimizer, scheduler, state)
         if state.step == start_step:
