@@ -148,7 +148,29 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedDat
     )
     starts = sequence_starts(data.position_ids, offsets[:-1])
     data.num_loss_counted_tokens = count_targets(data.labels, starts, offsets)
-    return data
+    return drop_samples_without_targets(data)
+
+
+def drop_samples_without_targets(data: TokenizedData) -> TokenizedData:
+    """A sample with no target adds nothing to the loss (and a batch of only such samples has none to divide
+    by): drop it, logged."""
+    keep = data.num_loss_counted_tokens > 0
+    if keep.all():
+        return data
+    log(f"dropped {int((~keep).sum())} samples with no loss-counted token")
+    if not keep.any():
+        fail("--data-path: no sample has a loss-counted token (every label is -100 or a sequence's first token)")
+    token_keep = np.repeat(keep, data.lengths)
+    offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(data.lengths[keep], out=offsets[1:])
+    return TokenizedData(
+        input_ids=data.input_ids[token_keep],
+        labels=data.labels[token_keep],
+        position_ids=data.position_ids[token_keep],
+        offsets=offsets,
+        num_loss_counted_tokens=data.num_loss_counted_tokens[keep],
+        source_lines=data.source_lines[keep],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def random_rows(n, seed=0, max_len=50):
     for _ in range(n):
         length = int(rng.integers(2, max_len))
         ids = rng.integers(0, 1000, length).tolist()
-        labels = [i if rng.random() < 0.5 else IGNORE for i in ids]
+        labels = [i if rng.random() < 0.5 else IGNORE for i in ids[:-1]] + [ids[-1]]  # at least one target
         rows.append({"input_ids": ids, "labels": labels})
     return rows
 
@@ -69,6 +69,21 @@ def test_load_errors_name_file_and_line(tmp_path, line, message):
     path.write_text('{"input_ids": [1, 2], "labels": [1, 2]}\n' + line + "\n")
     with pytest.raises(UserError, match=message):
         load_tokenized(path, 100)
+
+
+def test_load_drops_samples_without_targets(tmp_path, capsys):
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [-100, -100, -100]},
+        {"input_ids": [4, 5, 6], "labels": [-100, 5, 6]},
+        {"input_ids": [7, 8], "labels": [7, -100]},  # only the first token is labelled: nothing to predict
+    ]
+    data = load_tokenized(write_rows(tmp_path / "d.jsonl", rows), 100)
+    assert data.input_ids.tolist() == [4, 5, 6] and data.offsets.tolist() == [0, 3]
+    assert data.source_lines.tolist() == [2] and data.num_loss_counted_tokens.tolist() == [2]
+    assert "dropped 2 samples with no loss-counted token" in capsys.readouterr().out
+    write_rows(tmp_path / "none.jsonl", [rows[0], rows[2]])
+    with pytest.raises(UserError, match="no sample has a loss-counted token"):
+        load_tokenized(tmp_path / "none.jsonl", 100)
 
 
 def test_load_empty_and_missing(tmp_path):
@@ -185,15 +200,15 @@ def test_collate_shifts_within_samples_only(tmp_path):
     rows = [
         {"input_ids": [10, 11, 12, 13], "labels": [-100, 11, 12, 13]},
         {"input_ids": [20, 21, 22], "labels": [20, 21, 22]},  # a first token labelled: never a target
-        {"input_ids": [30, 31], "labels": [-100, -100]},
+        {"input_ids": [30, 31, 32], "labels": [-100, -100, 32]},
     ]
     data = load_tokenized(write_rows(tmp_path / "d.jsonl", rows), 100)
     mb = collate(data, [1, 0, 2])
-    assert mb.input_ids.tolist() == [[20, 21, 22, 10, 11, 12, 13, 30, 31]]
-    assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1]]
-    assert mb.targets.tolist() == [[21, 22, IGNORE, 11, 12, 13, IGNORE, IGNORE, IGNORE]]
-    assert mb.cu_seq_lens.tolist() == [0, 3, 7, 9] and mb.max_length == 4
-    assert mb.num_tokens == 9 and mb.num_loss_tokens == 5
+    assert mb.input_ids.tolist() == [[20, 21, 22, 10, 11, 12, 13, 30, 31, 32]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]
+    assert mb.targets.tolist() == [[21, 22, IGNORE, 11, 12, 13, IGNORE, IGNORE, 32, IGNORE]]
+    assert mb.cu_seq_lens.tolist() == [0, 3, 7, 10] and mb.max_length == 4
+    assert mb.num_tokens == 10 and mb.num_loss_tokens == 6
     assert mb.num_loss_tokens == int(data.num_loss_counted_tokens[[1, 0, 2]].sum())
 
 
