@@ -148,12 +148,11 @@ def publish(tmp: Path, final: Path):
         os.replace(tmp, final)
 
 
-def fresh_tmp(root: Path, name: str) -> Path:
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+def fresh_dir(path: Path):
+    """An empty folder at path (a leftover of an interrupted save there is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
 
 
 def save_hf(lm, model_config, save_dtype: str, tokenizer, generation_config, out: Path, dist):
@@ -233,10 +232,11 @@ class Saver:
 
         name = f"samples_{state.samples_seen}"
         state_root, hf_root = self.output_dir / STATE_DIR, self.output_dir / HF_DIR
-        if self.dist.is_main:
-            tmp_state, tmp_hf = fresh_tmp(state_root, name), fresh_tmp(hf_root, name)
-        barrier()
         tmp_state, tmp_hf = state_root / f".tmp-{name}", hf_root / f".tmp-{name}"
+        if self.dist.is_main:
+            fresh_dir(tmp_state)
+            fresh_dir(tmp_hf)
+        barrier()
 
         # 1. Full training state, published before the HF folder.
         model_sd, optim_sd = get_state_dict(model, optimizer)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from utils import UserError, exit_on_user_error, fail
+from utils import UserError, exit_on_user_error, fail, first_line
 
 ROLES = {"system", "user", "assistant", "tool", "pretrain"}
 CHUNK_LINES = 256  # lines per work unit: big enough to batch tokenization, small enough to balance processes
@@ -210,7 +210,7 @@ def load_tokenizer(model_name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     except Exception as e:  # transformers raises many types (OSError, ValueError, ...) for a bad path
         raise UserError(
-            f"--model-name-or-path {model_name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})"
+            f"--model-name-or-path {model_name_or_path}: cannot load a tokenizer ({first_line(e)})"
         ) from None
     if tokenizer.eos_token is None:
         fail(f"--model-name-or-path {model_name_or_path}: the tokenizer has no eos_token")

@@ -138,16 +138,16 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedDat
 
     offsets = np.zeros(len(lines) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in ids_parts], out=offsets[1:])
+    labels = np.concatenate(label_parts).astype(np.int32)
+    position_ids = np.concatenate(pos_parts).astype(np.int32)
     data = TokenizedData(
         input_ids=np.concatenate(ids_parts).astype(np.int32),
-        labels=np.concatenate(label_parts).astype(np.int32),
-        position_ids=np.concatenate(pos_parts).astype(np.int32),
+        labels=labels,
+        position_ids=position_ids,
         offsets=offsets,
-        num_loss_counted_tokens=np.zeros(len(lines), np.int64),
+        num_loss_counted_tokens=count_targets(labels, sequence_starts(position_ids, offsets[:-1]), offsets),
         source_lines=np.asarray(lines, dtype=np.int64),
     )
-    starts = sequence_starts(data.position_ids, offsets[:-1])
-    data.num_loss_counted_tokens = count_targets(data.labels, starts, offsets)
     return drop_samples_without_targets(data)
 
 

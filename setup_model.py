@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError, broadcast_buffers, fail, log
+from sampler import IGNORE
+from utils import UserError, broadcast_buffers, fail, first_line, log
 
-IGNORE = -100
 VARLEN_SDPA = "leantrain_varlen_sdpa"
 
 
@@ -100,8 +100,7 @@ def check_model_path(path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # OSError, ValueError, KeyError... depending on what is wrong with the folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model-name-or-path {path}: not a loadable model ({first})") from None
+        raise UserError(f"--model-name-or-path {path}: not a loadable model ({first_line(e)})") from None
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -124,8 +123,9 @@ def load_model(cfg, dist, config):
         try:
             lm = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--model-name-or-path {cfg.model_name_or_path}: cannot load the model ({first})") from None
+            raise UserError(
+                f"--model-name-or-path {cfg.model_name_or_path}: cannot load the model ({first_line(e)})"
+            ) from None
     else:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -19,6 +19,12 @@ def fail(message: str):
     raise UserError(message)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def exit_on_user_error(fn):
     """Decorate a CLI entry point: a UserError becomes `error: ...` on stderr and exit code 2."""
 
