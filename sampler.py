@@ -314,15 +314,34 @@ def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int) -> list[
 
 @dataclass
 class Minibatch:
-    """One padding-free row (batch dimension 1) and what the loss needs to know about it."""
+    """One padding-free row (batch dimension 1) and what the loss needs to know about it. The targets come as an
+    index built here, on the CPU: the model's forward never has to find them with a mask (a device sync)."""
 
     input_ids: "object"  # torch.LongTensor [1, T]
     position_ids: "object"  # torch.LongTensor [1, T]
-    targets: "object"  # torch.LongTensor [1, T]: next token of the same sequence, IGNORE elsewhere
+    target_index: "object"  # torch.LongTensor [K]: positions whose next token (same sequence) is a target
+    target_ids: "object"  # torch.LongTensor [K]: those targets
     cu_seq_lens: "object"  # torch.IntTensor [num_sequences + 1]: sequence boundaries, for varlen attention
+    seq_lengths: list  # the same boundaries as host-side lengths (per-sequence attention splits by them)
     max_length: int  # longest sequence in the row
     num_tokens: int  # real tokens (0 for an empty minibatch, whose row is one dummy token)
-    num_loss_tokens: int
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return len(self.target_ids)
+
+    def inputs(self, device) -> dict:
+        """LossModel's keyword arguments, tensors moved to the device."""
+        to = dict(device=device, non_blocking=True)
+        return dict(
+            input_ids=self.input_ids.to(**to),
+            position_ids=self.position_ids.to(**to),
+            cu_seq_lens=self.cu_seq_lens.to(**to),
+            max_length=self.max_length,
+            seq_lengths=self.seq_lengths,
+            target_index=self.target_index.to(**to),
+            target_ids=self.target_ids.to(**to),
+        )
 
 
 def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> Minibatch:
@@ -330,9 +349,8 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
 
     if not indices:  # an empty minibatch still runs forward/backward so FSDP's collectives line up
         one = torch.tensor([[pad_token_id]])
-        return Minibatch(
-            one, torch.zeros_like(one), torch.full_like(one, IGNORE), torch.tensor([0, 1], dtype=torch.int32), 1, 0, 0
-        )
+        none = torch.zeros(0, dtype=torch.long)
+        return Minibatch(one, torch.zeros_like(one), none, none, torch.tensor([0, 1], dtype=torch.int32), [1], 1, 0)
     idx = np.asarray(indices, dtype=np.int64)
     starts, ends = data.offsets[idx], data.offsets[idx + 1]
     lengths = ends - starts
@@ -342,18 +360,19 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
     position_ids = data.position_ids[token_idx]
     row_offsets = np.concatenate([[0], np.cumsum(lengths)])
     seq_start = sequence_starts(position_ids, row_offsets[:-1])
-    targets = np.full(len(input_ids), IGNORE, dtype=np.int64)
-    predictable = ~seq_start[1:]  # position t predicts t+1 only inside one sequence
-    targets[:-1][predictable] = labels[1:][predictable]
+    # Position t predicts t + 1 only inside one sequence, and only where t + 1 is labelled.
+    target_index = np.flatnonzero(~seq_start[1:] & (labels[1:] != IGNORE))
     cu = np.concatenate([np.flatnonzero(seq_start), [len(input_ids)]]).astype(np.int32)
+    seq_lengths = np.diff(cu)
     return Minibatch(
         input_ids=torch.from_numpy(input_ids.astype(np.int64)).unsqueeze(0),
         position_ids=torch.from_numpy(position_ids.astype(np.int64)).unsqueeze(0),
-        targets=torch.from_numpy(targets).unsqueeze(0),
+        target_index=torch.from_numpy(target_index.astype(np.int64)),
+        target_ids=torch.from_numpy(labels[target_index + 1].astype(np.int64)),
         cu_seq_lens=torch.from_numpy(cu),
-        max_length=int(np.diff(cu).max()),
+        seq_lengths=seq_lengths.tolist(),
+        max_length=int(seq_lengths.max()),
         num_tokens=len(input_ids),
-        num_loss_tokens=int((targets != IGNORE).sum()),
     )
 
 

@@ -1,96 +1,230 @@
-"""Model, optimizer and scheduler: load a Hugging Face causal LM, optionally apply Liger, shard with FSDP2.
+"""Model, optimizer and scheduler: load a Hugging Face causal LM, choose its attention and loss, optionally apply
+Liger and torch.compile, shard with FSDP2.
 
 The model the loop sees is `LossModel`: it wraps the causal LM and returns the *summed* cross-entropy of one
-padding-free row, computing logits only at positions that have a target (a large share of a chat row is prompt).
-Making the wrapper the FSDP root keeps the LM head gathered while the loss runs, whichever loss is used.
+padding-free row over its target positions (an index the collator built on the CPU, so nothing in a minibatch's
+forward or backward waits on the GPU). Making the wrapper the FSDP root keeps the LM head gathered while the loss
+runs, whichever loss is used.
 """
+
+import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampler import IGNORE
 from utils import UserError, broadcast_buffers, fail, first_line, log
 
-VARLEN_SDPA = "leantrain_varlen_sdpa"
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Attention: each packed sequence attends only within itself.
+# Attention: each packed sequence attends only within itself. Two functions registered with transformers, chosen
+# by name like its own (`--attn-implementation`); both read the row's sequence boundaries from the keyword
+# arguments LossModel passes through the model (`cu_seq_lens_q`, ...), as flash_attention_2 does.
+
+VARLEN = "leantrain_varlen"  # torch's FlashAttention-2 kernel for packed rows (CUDA, bf16/fp16, PyTorch >= 2.10)
+PER_SEQUENCE = "leantrain_per_sequence"  # one causal attention call per sequence of the row (any device)
 
 
-def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal SDPA run per sequence of a packed row (`cu_seq_lens_q` gives the boundaries).
+class AttentionNotSupported(Exception):
+    """The model asks an attention function for something it does not compute (the setup probe falls back)."""
 
-    transformers builds a dense block-diagonal T x T mask for packed rows under sdpa/eager, and the CPU kernels
-    compute every masked block; attending within each sequence costs ~T/len(sequence) times less. Without
-    `cu_seq_lens_q` the row is one sequence. Shapes: query [1, heads, T, dim]; returns [1, T, heads, dim]."""
-    cu = kwargs.get("cu_seq_lens_q")
-    lengths = cu.diff().tolist() if cu is not None else [query.shape[2]]
+
+def _check_packing_args(module, kwargs: dict, unsupported: dict):
+    for name, value in unsupported.items():
+        if value is not None and value is not False:
+            raise AttentionNotSupported(f"{type(module).__name__} passes `{name}`")
+    if kwargs.get("cu_seq_lens_q") is None:
+        raise AttentionNotSupported(f"{type(module).__name__} does not pass the packed row's sequence boundaries")
+
+
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    # The signature changed between releases: 2.11 has no `enable_gqa` (grouped KV heads just work there).
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    return lambda *args, **kw: varlen_attn(*args, **kw, **gqa)
+
+
+VARLEN_KERNEL = _varlen_kernel()
+
+
+def varlen_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
+):
+    """One varlen FlashAttention call for the whole packed row. Shapes: query [1, heads, T, dim] -> [1, T, heads,
+    dim]. transformers' sliding_window W lets a query see W keys, itself included: flash's left window W - 1."""
+    _check_packing_args(module, kwargs, {"softcap": softcap, "s_aux": kwargs.get("s_aux"), "dropout": dropout or None})
+    if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cuda":
+        raise AttentionNotSupported(f"{VARLEN} needs CUDA and bf16/fp16 compute")
+    cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    out = VARLEN_KERNEL(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=window)
+    return out.unsqueeze(0), None
+
+
+def _attend_one(q, k, v, scale, window, softcap, dropout):
+    """Causal attention of one sequence ([1, heads, L, dim]), with transformers' sliding window and soft-capping."""
+    length = q.shape[2]
+    if softcap is None and (window is None or length <= window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=True)
+    i = torch.arange(length, device=q.device)
+    allowed = i[:, None] >= i[None, :]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout, enable_gqa=True
+        )
+    # Soft-capped scores (Gemma 2): SDPA cannot cap them, so compute them as the model's eager attention does.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
+    return probs @ v
+
+
+@torch.compiler.disable  # a Python loop over host-side lengths: keep it out of compiled graphs
+def per_sequence_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
+):
+    """Causal attention run per sequence of a packed row, on any device and dtype. transformers builds a dense T x T
+    block-diagonal mask for packed rows under sdpa/eager, and the CPU kernels compute every masked block; attending
+    within each sequence costs ~T/len(sequence) times less. Shapes: query [1, heads, T, dim] -> [1, T, heads, dim]."""
+    _check_packing_args(module, kwargs, {"s_aux": kwargs.get("s_aux")})
+    lengths = kwargs["leantrain_seq_lengths"]  # host-side copy of the boundaries: no device sync
     dropout = dropout if module.training else 0.0
     outs = [
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True)
+        _attend_one(q, k, v, scaling, sliding_window, softcap, dropout)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
-    """auto: flash_attention_2 on CUDA when flash-attn is installed, else per-sequence SDPA."""
+def register_attention():
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return VARLEN_SDPA
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss
+# Loss: summed cross-entropy over the row's target positions. Three ways, one result:
+#   model   - the model's own forward, projecting only target positions (`logits_to_keep` = the index);
+#   chunked - the LM head and cross-entropy a chunk of targets at a time: [tokens, vocab] logits never exist whole;
+#   liger   - Liger's fused linear cross-entropy (CUDA), the same idea in Triton.
+# chunked and liger apply the LM head themselves, so they must apply the model's logit transform too; the setup
+# probe checks they agree with the model's own logits and `auto` falls back to `model` where they do not.
+
+CHUNK_LOGITS = 2**28  # logits per chunk (1 GiB in fp32): bounds the loss's memory whatever the vocabulary
 
 
-def logits_loss_sum(lm, input_ids, position_ids, targets, **varlen):
-    """Summed CE through the model's own forward (keeps any model-specific logit scaling or soft-capping);
-    `logits_to_keep` with a boolean mask projects only the positions that have a target."""
-    keep = targets != IGNORE
-    logits = lm(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False, **varlen).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep], reduction="sum")
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits = softcap * tanh(scale * (hidden @ W.T + b) / softcap): Granite divides by `logits_scaling`, Cohere
+    multiplies by `logit_scale`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> "LogitTransform":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
+        return cls(scale, getattr(config, "final_logit_softcapping", None))
+
+    def __call__(self, logits):
+        logits = logits * self.scale if self.scale != 1.0 else logits
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
 
 
-def liger_loss_sum(lm, input_ids, position_ids, targets, **varlen):
-    """Summed CE with Liger's fused linear cross-entropy: never materialises the [tokens, vocab] logits."""
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(transform(hidden @ weight.T + bias), targets)), a chunk of rows at a time. Each chunk's
+    gradients are computed right after its loss, in forward, so at most one chunk's fp32 logits and their gradient
+    exist at once; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_rows):
+        w = weight.detach().requires_grad_()
+        b = bias.detach().requires_grad_() if bias is not None else None
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].detach().requires_grad_()
+            with torch.enable_grad():
+                logits = transform(F.linear(h, w, b).float())
+                loss = F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
+            grads = torch.autograd.grad(loss, [h, w] if b is None else [h, w, b])
+            grad_hidden[start : start + chunk_rows] = grads[0]
+            grad_weight += grads[1]
+            if b is not None:
+                grad_bias += grads[2]
+            total += loss.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_bias = (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(weight_dtype), grad_bias, None, None, None
+
+
+def chunked_loss_sum(hidden, head, targets, transform):
+    chunk_rows = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows)
+
+
+def liger_loss_sum(hidden, head, targets, transform):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    keep = targets != IGNORE
-    hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
-    head = lm.get_output_embeddings()
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden[keep], targets[keep], head.bias)
+    if targets.numel() == 0:  # an empty minibatch (known on the host): zero, but still through the graph
+        return hidden.sum() * 0.0
+    bias = head.bias * transform.scale if head.bias is not None else None
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=transform.softcap)
+    return fused(head.weight, hidden * transform.scale if transform.scale != 1.0 else hidden, targets, bias)
+
+
+HEAD_LOSSES = {"chunked": chunked_loss_sum, "liger": liger_loss_sum}
 
 
 class LossModel(nn.Module):
-    """The causal LM plus its loss: forward(minibatch tensors) -> summed cross-entropy over the row's targets."""
+    """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets."""
 
-    def __init__(self, lm: nn.Module, loss_sum=logits_loss_sum):
+    def __init__(self, lm: nn.Module, loss: str, transform: LogitTransform):
         super().__init__()
-        self.lm = lm
-        self.loss_sum = loss_sum
+        self.lm, self.loss, self.transform = lm, loss, transform
 
-    def forward(self, input_ids, position_ids, targets, cu_seq_lens, max_length):
-        varlen = dict(
-            cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length, max_length_k=max_length
+    def forward(self, input_ids, position_ids, cu_seq_lens, max_length, seq_lengths, target_index, target_ids=None):
+        """target_index: positions of the row that have a target, target_ids: those targets. Without target_ids
+        (the setup probe), returns the model's own logits and the head-and-transform logits at target_index."""
+        packing = dict(
+            cu_seq_lens_q=cu_seq_lens,
+            cu_seq_lens_k=cu_seq_lens,
+            max_length_q=max_length,
+            max_length_k=max_length,
+            leantrain_seq_lengths=seq_lengths,
         )
-        return self.loss_sum(self.lm, input_ids, position_ids, targets, **varlen)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packing)
+        if self.loss == "model" or target_ids is None:
+            logits = self.lm(**inputs, logits_to_keep=target_index).logits[0]
+            if target_ids is None:
+                hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
+                return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())
+            return F.cross_entropy(logits.float(), target_ids, reduction="sum")
+        hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
+        return HEAD_LOSSES[self.loss](hidden, self.lm.get_output_embeddings(), target_ids, self.transform)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading and sharding
+# Loading, choosing, compiling and sharding
 
 
 def check_model_path(path: str):
@@ -104,60 +238,140 @@ def check_model_path(path: str):
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the FSDP and activation-checkpointing unit) of a HF causal LM."""
-    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    """The repeated transformer blocks (the FSDP, compile and activation-checkpointing unit) of a HF causal LM:
+    `model.layers` for most, `transformer.h` (GPT-2), `gpt_neox.layers`..."""
+    base = lm.base_model
     layers = getattr(base, "layers", None) or getattr(base, "h", None)
     if layers is None:
         fail(f"cannot find the decoder layers of {type(lm).__name__}")
     return list(layers)
 
 
-def load_model(cfg, dist, config):
+def load_model(cfg, dist, config, attn_implementation: str):
     """Rank 0 reads the weights; other ranks build the model on the meta device and receive rank 0's weights
     after sharding (one copy of the checkpoint in host memory per node instead of one per GPU)."""
     from transformers import AutoModelForCausalLM
 
-    train_dtype = getattr(torch, cfg.train_dtype)
-    kwargs = dict(dtype=train_dtype, attn_implementation=cfg.attn_implementation)
-    if dist.rank == 0:
-        try:
+    register_attention()
+    kwargs = dict(dtype=getattr(torch, cfg.train_dtype), attn_implementation=attn_implementation)
+    try:
+        if dist.rank == 0:
             lm = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-        except Exception as e:
-            raise UserError(
-                f"--model-name-or-path {cfg.model_name_or_path}: cannot load the model ({first_line(e)})"
-            ) from None
-    else:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            with torch.device("meta"):
+                lm = AutoModelForCausalLM.from_config(config, **kwargs)
+    except Exception as e:
+        raise UserError(
+            f"--model-name-or-path {cfg.model_name_or_path}: cannot load the model ({first_line(e)})"
+        ) from None
     lm.config.use_cache = False  # a KV cache makes packed attention leak across samples (shared/NOTES.md)
     return lm
 
 
+def choose_attention(cfg, dist, config) -> str:
+    """`auto`: flash-attn's varlen kernel if installed (CUDA), else torch's varlen kernel (CUDA, bf16/fp16, no
+    attention soft-capping), else per-sequence attention. A named implementation is used as given."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if dist.device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        if VARLEN_KERNEL is not None and cfg.compute_dtype in ("bfloat16", "float16") and not softcap:
+            return VARLEN
+    return PER_SEQUENCE
+
+
+def choose_loss(cfg, dist) -> str:
+    """`auto`: chunked cross-entropy (no dependency, bounded memory); `liger` only when asked for."""
+    if cfg.loss == "liger" and dist.device.type != "cuda":
+        fail("--loss liger needs a CUDA GPU")
+    return "chunked" if cfg.loss == "auto" else cfg.loss
+
+
 def apply_liger(lm):
-    """Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only). The fused linear cross-entropy is LossModel's."""
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only). Its fused linear cross-entropy is `--loss liger`."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=lm, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
+def compile_layers(lm):
+    """Regional compile: each decoder layer's forward on its own (one graph reused by every layer, compiled in
+    seconds), with dynamic shapes so that a new row length or sequence count does not recompile."""
+    for layer in decoder_layers(lm):
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
+def probe_minibatch(vocab_size: int):
+    """A tiny packed row of two random sequences (5 and 3 tokens), through the real collator."""
+    import numpy as np
+
+    from sampler import TokenizedData, collate
+
+    ids = np.random.default_rng(0).integers(0, vocab_size, 8).astype(np.int32)
+    data = TokenizedData(
+        input_ids=ids,
+        labels=ids.copy(),
+        position_ids=np.array([0, 1, 2, 3, 4, 0, 1, 2], dtype=np.int32),
+        offsets=np.array([0, 5, 8]),
+        num_loss_counted_tokens=np.array([4, 2]),
+        source_lines=np.array([1, 2]),
+    )
+    return collate(data, [0, 1])
+
+
+def probe_model(model, cfg, dist, vocab_size: int):
+    """One forward of a tiny packed row, before training: the attention function must get what it needs (else a
+    one-line error), and chunked and liger, which apply the LM head and the logit transform themselves, must
+    match the model's own logits (else `auto` falls back to the model's own forward; a named loss fails)."""
+    try:
+        with torch.no_grad():
+            own, ours = model(**probe_minibatch(vocab_size).inputs(dist.device) | {"target_ids": None})
+    except AttentionNotSupported as e:
+        fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
+    model.reshard()  # a forward without backward leaves the root's parameters gathered (shared/NOTES.md)
+    own = own.float()
+    if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=2e-2 * float(own.abs().max()) + 1e-4):
+        return
+    message = f"the model's logits are not its LM head's output under {model.transform}"
+    if cfg.loss != "auto":
+        fail(f"--loss {cfg.loss}: {message}; use --loss model")
+    log(f"loss: {message}; using the model's own forward (--loss model)")
+    model.loss = "model"
+
+
 def setup_model(cfg, dist, config) -> LossModel:
-    """Load, patch (Liger, activation checkpointing), wrap in LossModel and shard with FSDP2."""
+    """Load, choose attention and loss, patch (Liger, activation checkpointing, compile), wrap in LossModel and
+    shard with FSDP2. Fills in cfg's `auto` choices with what runs."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    lm = load_model(cfg, dist, config)
+    cfg.attn_implementation = choose_attention(cfg, dist, config)
+    cfg.loss = choose_loss(cfg, dist)
+    cfg.compile = dist.device.type == "cuda" if cfg.compile is None else cfg.compile
+    lm = load_model(cfg, dist, config, cfg.attn_implementation)
     if cfg.use_liger_kernels:
         if dist.device.type != "cuda":
             fail("--use-liger-kernels needs a CUDA GPU")
         apply_liger(lm)
     if cfg.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = LossModel(lm, liger_loss_sum if cfg.use_liger_kernels else logits_loss_sum)
+    if cfg.compile:
+        compile_layers(lm)
+    model = LossModel(lm, cfg.loss, LogitTransform.of(config))
+    num_params = sum(p.numel() for p in model.parameters())  # before sharding: whole, on every rank
     full_state = model.state_dict() if dist.rank == 0 and dist.world_size > 1 else None
 
+    # One rank holds whole parameters anyway: resharding after forward would only copy them again for backward.
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.compute_dtype), reduce_dtype=torch.float32)
     for layer in decoder_layers(lm):
-        fully_shard(layer, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=dist.world_size > 1)
     fully_shard(model, mp_policy=mp)
 
     if dist.world_size > 1:
@@ -167,9 +381,12 @@ def setup_model(cfg, dist, config) -> LossModel:
         set_model_state_dict(model, full_state or {}, options=options)
         broadcast_buffers(model)
     model.train()
+    probe_model(model, cfg, dist, config.get_text_config().vocab_size)
+    cfg.loss = model.loss
     log(
-        f"model: {type(lm).__name__}, {sum(p.numel() for p in model.parameters()) * dist.world_size / 1e6:.1f}M "
-        f"parameters, attention {cfg.attn_implementation}, compute {cfg.compute_dtype}, master {cfg.train_dtype}"
+        f"model: {type(lm).__name__}, {num_params / 1e6:.1f}M "
+        f"parameters, attention {cfg.attn_implementation}, loss {cfg.loss}, compile {'on' if cfg.compile else 'off'}, "
+        f"compute {cfg.compute_dtype}, master {cfg.train_dtype}"
     )
     return model
 

@@ -180,6 +180,18 @@ def model_config(arch: str = "qwen2", **overrides):
     return Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
 
 
+def arch_config(model_type: str, **overrides):
+    """A tiny config of any Hugging Face decoder architecture by its `model_type` (gemma2, mistral, granite, ...),
+    with this tokenizer's vocabulary; overrides set any config field (sliding_window=16, ...)."""
+    from transformers import AutoConfig
+
+    common = model_config("qwen2").to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keep += ("num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    keep += ("pad_token_id", "use_cache")
+    return AutoConfig.for_model(model_type, **{k: common[k] for k in keep} | overrides)
+
+
 def build_model(out_dir: str | os.PathLike, arch: str = "qwen2", seed: int = 0, dtype: str = "float32", **overrides):
     """Build a randomly initialised causal LM plus its tokenizer and save both to out_dir (a model folder)."""
     import torch

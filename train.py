@@ -18,6 +18,8 @@ import typer
 
 from utils import Timer, exit_on_user_error, fail, log
 
+LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
+
 
 def option(default=MISSING, help: str = "", flags: tuple = ()):
     return field(default=default, metadata={"help": help, "flags": flags})
@@ -48,7 +50,18 @@ class TrainConfig:
     train_dtype: str = option("float32", "Dtype of master weights and optimizer state.")
     compute_dtype: str | None = option(None, "Forward/backward dtype. Default: bfloat16 on CUDA, float32 on CPU.")
     # model
-    use_liger_kernels: bool = option(False, "Liger kernels and fused linear cross-entropy (CUDA only).")
+    use_liger_kernels: bool = option(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only).")
+    loss: str = option(
+        "auto",
+        "Cross-entropy: chunked (LM head + loss a chunk of targets at a time, bounded memory), model (the model's own "
+        "forward, logits at target positions only) or liger (Liger's fused linear cross-entropy, CUDA). "
+        "auto: chunked, or model where chunked would not reproduce the model's own logits.",
+    )
+    compile: bool | None = option(
+        None,
+        "torch.compile each decoder layer (regional, dynamic shapes). Default: on with CUDA, off on CPU.",
+        ("--compile/--no-compile",),
+    )
     activation_checkpointing: bool = option(
         False,
         "Recompute each decoder layer in backward to save memory.",
@@ -56,8 +69,9 @@ class TrainConfig:
     )
     attn_implementation: str = option(
         "auto",
-        "auto: flash_attention_2 if installed on CUDA, else per-sequence "
-        "SDPA (leantrain_varlen_sdpa); or sdpa, eager, flash_attention_2, ...",
+        "auto: on CUDA flash_attention_2 if flash-attn is installed, else leantrain_varlen (torch's varlen "
+        "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
+        "any device). Or any transformers name: sdpa, eager, flash_attention_2, ...",
     )
     # checkpoints
     save_dtype: str | None = option(
@@ -93,6 +107,8 @@ class TrainConfig:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(dtypes)}, got {getattr(self, name)}")
         if self.resume and self.resume_from:
             fail("--resume and --resume-from conflict: give at most one")
+        if self.loss not in LOSSES:
+            fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
 
 
 def total_steps(cfg: TrainConfig, num_samples: int) -> int | None:
@@ -136,10 +152,7 @@ def write_training_params(cfg: TrainConfig, dist, path: Path):
 
 def forward_loss_sum(model, mb, device):
     """Summed cross-entropy of one padding-free minibatch (moved to the device here)."""
-    to = dict(device=device, non_blocking=True)
-    return model(
-        mb.input_ids.to(**to), mb.position_ids.to(**to), mb.targets.to(**to), mb.cu_seq_lens.to(**to), mb.max_length
-    )
+    return model(**mb.inputs(device))
 
 
 def clip_gradients(model, max_norm: float) -> float:
@@ -178,7 +191,6 @@ def train(cfg: TrainConfig):
     dist = init_distributed()
     try:
         cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
-        cfg.attn_implementation = setup_model.resolve_attn_implementation(cfg.attn_implementation, dist.device)
         cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
         output_dir = Path(cfg.output_dir)
         if dist.is_main:

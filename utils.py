@@ -26,14 +26,16 @@ def first_line(error: BaseException) -> str:
 
 
 def exit_on_user_error(fn):
-    """Decorate a CLI entry point: a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Decorate a CLI entry point: a UserError becomes `error: ...` on stderr and exit code 2. Under torchrun every
+    rank exits 2 and the first process of each node prints the line (every rank of a node sees the same error)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper
@@ -87,6 +89,12 @@ def init_distributed():
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ:  # torchrun (single node or multi-node rendezvous)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if use_cuda and local_ranks > torch.cuda.device_count():
+            fail(
+                f"{local_ranks} processes per node but {torch.cuda.device_count()} visible GPU(s): set "
+                f"--nproc-per-node to at most {torch.cuda.device_count()} (or CUDA_VISIBLE_DEVICES= to train on CPU)"
+            )
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)

@@ -49,12 +49,30 @@ def tokenized_conversations(directory: Path, model_dir: Path, n: int, seed: int,
     return tokenize(src, model_dir, directory / "data.jsonl", "--max-sample-num-tokens", max_tokens, "--num-proc", 1)
 
 
+# GPU tests hand this to run_script to see the GPU the pytest process sees.
+GPU_ENV = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+
+
+def cpu_env(extra: dict | None = None) -> dict:
+    """Environment for a subprocess, pinned to the CPU unless `extra` says otherwise: the exactness tests compare
+    fp32 runs, and several ranks on a machine with fewer GPUs than ranks must not reach for one each."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Run a repo script as a user would (a fresh interpreter); returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *map(str, args)], cwd=cwd, env=cpu_env(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def dense_targets(mb):
+    """A minibatch's targets as a row like input_ids: the target where position t has one, -100 elsewhere."""
+    import torch
+
+    row = torch.full_like(mb.input_ids, -100)
+    row[0, mb.target_index] = mb.target_ids
+    return row
 
 
 def pytest_collection_modifyitems(config, items):

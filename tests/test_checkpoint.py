@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_model
-from conftest import ROOT, run_script, tokenized_conversations
+from conftest import ROOT, cpu_env, run_script, tokenized_conversations
 from test_train import CAP_SMALL, torchrun
 
 BATCH = 8
@@ -69,6 +69,7 @@ def test_sigkill_during_save_then_resume_is_exact(qwen_dir, data_path, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, *map(str, args(qwen_dir, data_path, out, steps, "--min-samples-per-checkpoint", 16))],
         cwd=ROOT,
+        env=cpu_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -135,6 +136,7 @@ def test_sigterm_saves_and_stops(qwen_dir, data_path, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, *map(str, args(qwen_dir, data_path, out, 100_000))],
         cwd=ROOT,
+        env=cpu_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -169,7 +171,9 @@ def test_hf_checkpoint_loads_and_generates_without_leantrain(qwen_dir, data_path
         "out = m.generate(**ids, max_new_tokens=5, do_sample=False)\n"
         "print('generated', out.shape[1] - ids['input_ids'].shape[1])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(hf)], cwd="/", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(hf)], cwd="/", env=cpu_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "generated" in r.stdout
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sampler
+from conftest import dense_targets
 from sampler import IGNORE, GlobalSampler, collate, load_tokenized, minibatch_lower_bound, pack_minibatches
 from utils import UserError
 
@@ -206,7 +207,7 @@ def test_collate_shifts_within_samples_only(tmp_path):
     mb = collate(data, [1, 0, 2])
     assert mb.input_ids.tolist() == [[20, 21, 22, 10, 11, 12, 13, 30, 31, 32]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]
-    assert mb.targets.tolist() == [[21, 22, IGNORE, 11, 12, 13, IGNORE, IGNORE, 32, IGNORE]]
+    assert dense_targets(mb).tolist() == [[21, 22, IGNORE, 11, 12, 13, IGNORE, IGNORE, 32, IGNORE]]
     assert mb.cu_seq_lens.tolist() == [0, 3, 7, 10] and mb.max_length == 4
     assert mb.num_tokens == 10 and mb.num_loss_tokens == 6
     assert mb.num_loss_tokens == int(data.num_loss_counted_tokens[[1, 0, 2]].sum())
@@ -219,12 +220,12 @@ def test_collate_respects_own_position_ids(tmp_path):
     assert data.num_loss_counted_tokens.tolist() == [3]
     mb = collate(data, [0, 0])
     assert mb.cu_seq_lens.tolist() == [0, 3, 5, 8, 10]
-    assert mb.targets.tolist() == [[2, 3, IGNORE, 5, IGNORE] * 2]
+    assert dense_targets(mb).tolist() == [[2, 3, IGNORE, 5, IGNORE] * 2]
 
 
 def test_collate_empty_minibatch_is_a_dummy_row():
     mb = collate(None, [], pad_token_id=7)
-    assert mb.input_ids.tolist() == [[7]] and mb.targets.tolist() == [[IGNORE]]
+    assert mb.input_ids.tolist() == [[7]] and dense_targets(mb).tolist() == [[IGNORE]]
     assert mb.num_tokens == 0 and mb.num_loss_tokens == 0
 
 
@@ -239,7 +240,7 @@ def test_prefetcher_matches_direct_computation_and_surfaces_errors(tmp_path):
         assert a.sampler_state == b.sampler_state and a.num_loss_tokens == b.num_loss_tokens
         assert len(a.minibatches) == len(b.minibatches)
         for x, y in zip(a.minibatches, b.minibatches):
-            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(dense_targets(x), dense_targets(y))
 
     def bad_sizes():
         yield 4

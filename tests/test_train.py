@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import setup_model
 import tiny_model
-from conftest import ROOT, run_script, tokenized_conversations
+from conftest import ROOT, cpu_env, dense_targets, run_script, tokenized_conversations
 from sampler import GlobalSampler, collate, load_tokenized
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
@@ -67,7 +67,7 @@ def torchrun(*args, nproc=1, extra_env=None):
         str(ROOT / "train.py"),
         *map(str, args),
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=extra_env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=cpu_env(extra_env))
 
 
 def read_run(out_dir):
@@ -118,32 +118,33 @@ def assert_same_run(metrics, weights, ref_losses, ref_norms, ref_weights):
 
 
 def test_packed_forward_equals_separate_forwards(qwen_dir, data_path):
-    """The packed row's summed loss and gradients equal those of separate per-sample forwards."""
-    impl = setup_model.resolve_attn_implementation("auto", torch.device("cpu"))
-    assert impl == setup_model.VARLEN_SDPA
+    """The packed row's summed loss and gradients, through every CPU attention and loss path, equal those of
+    separate per-sample forwards."""
+    setup_model.register_attention()
     data = load_tokenized(data_path, 10_000)
     idx = list(range(6))
+    paths = [(setup_model.PER_SEQUENCE, "chunked"), (setup_model.PER_SEQUENCE, "model"), ("sdpa", "chunked")]
     results = {}
-    for name in (impl, "sdpa", "separate"):
-        lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation="eager" if name == "separate" else name)
+    for attn, loss_name in [("eager", "separate"), *paths]:
+        lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation=attn)
         lm.train()
-        if name == "separate":
+        if loss_name == "separate":
             loss = 0
             for i in idx:
                 mb = collate(data, [i])
                 logits = lm(input_ids=mb.input_ids, use_cache=False).logits[0]
-                loss = loss + torch.nn.functional.cross_entropy(logits, mb.targets[0], reduction="sum")
+                loss = loss + torch.nn.functional.cross_entropy(logits, dense_targets(mb)[0], reduction="sum")
         else:
-            mb = collate(data, idx)
-            loss = setup_model.LossModel(lm)(mb.input_ids, mb.position_ids, mb.targets, mb.cu_seq_lens, mb.max_length)
+            model = setup_model.LossModel(lm, loss_name, setup_model.LogitTransform.of(lm.config))
+            loss = model(**collate(data, idx).inputs("cpu"))
         loss.backward()
-        results[name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
-    ref_loss, ref_grads = results["separate"]
-    for name in (impl, "sdpa"):
-        loss, grads = results[name]
-        assert loss == pytest.approx(ref_loss, rel=1e-5), name
+        results[attn, loss_name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
+    ref_loss, ref_grads = results["eager", "separate"]
+    for path in paths:
+        loss, grads = results[path]
+        assert loss == pytest.approx(ref_loss, rel=1e-5), path
         for n, g in ref_grads.items():
-            assert torch.allclose(grads[n], g, atol=1e-5, rtol=1e-4), (name, n)
+            assert torch.allclose(grads[n], g, atol=1e-5, rtol=1e-4), (path, n)
 
 
 def test_one_rank_many_minibatches_two_ranks_two_nodes_equal_reference(qwen_dir, data_path, tmp_path):
@@ -190,6 +191,7 @@ def test_one_rank_many_minibatches_two_ranks_two_nodes_equal_reference(qwen_dir,
                 *map(str, train_args(qwen_dir, data_path, tmp_path / "nodes", CAP_SMALL)),
             ],
             cwd=ROOT,
+            env=cpu_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
