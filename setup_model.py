@@ -326,6 +326,16 @@ def probe_minibatch(vocab_size: int):
     return collate(data, [0, 1])
 
 
+def reshard(model):
+    """After a forward without backward: put every FSDP unit back to its sharded parameters (the optimizer must
+    be built on those), the root's and, with reshard_after_forward off, each layer's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def probe_model(model, cfg, dist, vocab_size: int):
     """One forward of a tiny packed row, before training: the attention function must get what it needs (else a
     one-line error), and chunked and liger, which apply the LM head and the logit transform themselves, must
@@ -335,7 +345,7 @@ def probe_model(model, cfg, dist, vocab_size: int):
             own, ours = model(**probe_minibatch(vocab_size).inputs(dist.device) | {"target_ids": None})
     except AttentionNotSupported as e:
         fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
-    model.reshard()  # a forward without backward leaves the root's parameters gathered (shared/NOTES.md)
+    reshard(model)
     own = own.float()
     if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=2e-2 * float(own.abs().max()) + 1e-4):
         return
