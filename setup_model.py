@@ -59,7 +59,8 @@ def varlen_attention(
     if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cuda":
         raise AttentionNotSupported(f"{VARLEN} needs CUDA and bf16/fp16 compute")
     cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    # [T, heads, dim], contiguous: under compile the copy fuses into the kernel that wrote q and k (RoPE)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     out = VARLEN_KERNEL(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=window)
     return out.unsqueeze(0), None
@@ -136,35 +137,52 @@ class LogitTransform:
         scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
         return cls(scale, getattr(config, "final_logit_softcapping", None))
 
+    def __iter__(self):
+        return iter((self.scale, self.softcap))
+
     def __call__(self, logits):
         logits = logits * self.scale if self.scale != 1.0 else logits
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
 
 
+def cross_entropy_and_grad(logits, targets, scale: float, softcap: float | None):
+    """Summed cross-entropy of transform(logits) and its gradient w.r.t. logits, written out by hand so that, once
+    compiled, reading the logits and writing their gradient is one fused pass (autograd takes ~6 fp32 passes)."""
+    z = logits.float() * scale
+    if softcap:
+        capped = torch.tanh(z / softcap)
+        z = softcap * capped
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(z - lse[:, None])
+    grad = torch.where(torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None], grad - 1.0, grad)
+    grad = grad * (scale * (1.0 - capped * capped)) if softcap else grad * scale
+    return loss, grad.to(logits.dtype)
+
+
+compiled_cross_entropy_and_grad = torch.compile(cross_entropy_and_grad, dynamic=True)  # compiles on first call
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(transform(hidden @ weight.T + bias), targets)), a chunk of rows at a time. Each chunk's
-    gradients are computed right after its loss, in forward, so at most one chunk's fp32 logits and their gradient
+    gradients are computed right after its loss, in forward, so at most one chunk's logits and their gradient
     exist at once; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_rows):
-        w = weight.detach().requires_grad_()
-        b = bias.detach().requires_grad_() if bias is not None else None
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_rows, compiled):
+        ce_and_grad = compiled_cross_entropy_and_grad if compiled else cross_entropy_and_grad
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows].detach().requires_grad_()
-            with torch.enable_grad():
-                logits = transform(F.linear(h, w, b).float())
-                loss = F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
-            grads = torch.autograd.grad(loss, [h, w] if b is None else [h, w, b])
-            grad_hidden[start : start + chunk_rows] = grads[0]
-            grad_weight += grads[1]
-            if b is not None:
-                grad_bias += grads[2]
-            total += loss.detach()
+            h = hidden[start : start + chunk_rows]
+            loss, grad = ce_and_grad(F.linear(h, weight, bias), targets[start : start + chunk_rows], *transform)
+            grad_hidden[start : start + chunk_rows] = grad @ weight
+            grad_weight += (grad.t() @ h).float()
+            if bias is not None:
+                grad_bias += grad.float().sum(0)
+            total += loss
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -174,15 +192,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         grad_bias = (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(weight_dtype), grad_bias, None, None, None
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(weight_dtype), grad_bias, None, None, None, None
 
 
-def chunked_loss_sum(hidden, head, targets, transform):
+def chunked_loss_sum(hidden, head, targets, transform, compiled=False):
     chunk_rows = max(1, CHUNK_LOGITS // head.weight.shape[0])
-    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows)
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows, compiled)
 
 
-def liger_loss_sum(hidden, head, targets, transform):
+def liger_loss_sum(hidden, head, targets, transform, compiled=False):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     if targets.numel() == 0:  # an empty minibatch (known on the host): zero, but still through the graph
@@ -198,9 +216,9 @@ HEAD_LOSSES = {"chunked": chunked_loss_sum, "liger": liger_loss_sum}
 class LossModel(nn.Module):
     """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets."""
 
-    def __init__(self, lm: nn.Module, loss: str, transform: LogitTransform):
+    def __init__(self, lm: nn.Module, loss: str, transform: LogitTransform, compiled: bool = False):
         super().__init__()
-        self.lm, self.loss, self.transform = lm, loss, transform
+        self.lm, self.loss, self.transform, self.compiled = lm, loss, transform, compiled
 
     def forward(self, input_ids, position_ids, cu_seq_lens, max_length, seq_lengths, target_index, target_ids=None):
         """target_index: positions of the row that have a target, target_ids: those targets. Without target_ids
@@ -220,7 +238,7 @@ class LossModel(nn.Module):
                 return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())
             return F.cross_entropy(logits.float(), target_ids, reduction="sum")
         hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
-        return HEAD_LOSSES[self.loss](hidden, self.lm.get_output_embeddings(), target_ids, self.transform)
+        return HEAD_LOSSES[self.loss](hidden, self.lm.get_output_embeddings(), target_ids, self.transform, self.compiled)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,7 +382,8 @@ def setup_model(cfg, dist, config) -> LossModel:
 
     cfg.attn_implementation = choose_attention(cfg, dist, config)
     cfg.loss = choose_loss(cfg, dist)
-    cfg.compile = dist.device.type == "cuda" if cfg.compile is None else cfg.compile
+    if cfg.compile is None:  # Liger's Triton kernels inside compiled layers fail to trace: one or the other
+        cfg.compile = dist.device.type == "cuda" and not cfg.use_liger_kernels
     lm = load_model(cfg, dist, config, cfg.attn_implementation)
     if cfg.use_liger_kernels:
         if dist.device.type != "cuda":
@@ -374,7 +393,7 @@ def setup_model(cfg, dist, config) -> LossModel:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         compile_layers(lm)
-    model = LossModel(lm, cfg.loss, LogitTransform.of(config))
+    model = LossModel(lm, cfg.loss, LogitTransform.of(config), compiled=cfg.compile)
     num_params = sum(p.numel() for p in model.parameters())  # before sharding: whole, on every rank
     full_state = model.state_dict() if dist.rank == 0 and dist.world_size > 1 else None
 

@@ -171,7 +171,7 @@ def trl_worker(model_dir: Path, data: Path, overrides: str, result: Path):
             report_to=[],
             save_strategy="no",
             logging_steps=10**9,
-            dataloader_num_workers=2,
+            dataloader_num_workers=0,  # the recording collator must run in this process
             seed=0,
             **json.loads(overrides),
         )
