@@ -238,7 +238,9 @@ class LossModel(nn.Module):
                 return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())
             return F.cross_entropy(logits.float(), target_ids, reduction="sum")
         hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
-        return HEAD_LOSSES[self.loss](hidden, self.lm.get_output_embeddings(), target_ids, self.transform, self.compiled)
+        return HEAD_LOSSES[self.loss](
+            hidden, self.lm.get_output_embeddings(), target_ids, self.transform, self.compiled
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +280,7 @@ def load_model(cfg, dist, config, attn_implementation: str):
         else:
             with torch.device("meta"):
                 lm = AutoModelForCausalLM.from_config(config, **kwargs)
+            lm.tie_weights()  # older transformers leave a meta-built model untied: ranks would shard different sets
     except Exception as e:
         raise UserError(
             f"--model-name-or-path {cfg.model_name_or_path}: cannot load the model ({first_line(e)})"

@@ -178,98 +178,107 @@ def take_optimizer_step(optimizer, scheduler) -> float:
 
 
 def train(cfg: TrainConfig):
+    """Check the flags, start the process group, train, stop the process group."""
+    import setup_model
+    from utils import destroy_distributed, init_distributed
+
+    cfg.validate()
+    model_config = setup_model.check_model_path(cfg.model_name_or_path)
+    dist = init_distributed()
+    try:
+        run_training(cfg, dist, model_config)
+    finally:
+        destroy_distributed()
+
+
+def run_training(cfg: TrainConfig, dist, model_config):
+    """The whole run inside a started process group (tests train several models in one)."""
     import torch
 
     import checkpoint
     import setup_model
     from batch_metrics import MetricsLog, step_metrics
     from sampler import GlobalSampler, Prefetcher, load_tokenized
-    from utils import all_reduce_sum, destroy_distributed, init_distributed
+    from utils import all_reduce_sum
 
-    cfg.validate()
-    model_config = setup_model.check_model_path(cfg.model_name_or_path)
-    dist = init_distributed()
-    try:
-        cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
-        cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
-        output_dir = Path(cfg.output_dir)
-        if dist.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_partial_saves(output_dir)
-        torch.manual_seed(cfg.seed)
+    cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
+    cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
+    output_dir = Path(cfg.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial_saves(output_dir)
+    torch.manual_seed(cfg.seed)
 
-        data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu)
-        if int(data.input_ids.max()) >= model_config.vocab_size:
-            fail(
-                f"--data-path {cfg.data_path}: token id {int(data.input_ids.max())} is outside the model's vocabulary"
-                f" ({model_config.vocab_size}); was it tokenized for another model?"
-            )
-        model = setup_model.setup_model(cfg, dist, model_config)
-        optimizer = setup_model.build_optimizer(cfg, model, dist.device)
-        num_steps = total_steps(cfg, len(data))
-        scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
-        sampler = GlobalSampler(len(data), cfg.seed)
-        state = checkpoint.TrainState()
-        run_identity = checkpoint.run_identity(model_config, data)
-        resume_path = checkpoint.find_resume_path(cfg, output_dir)
-        if resume_path is not None:
-            state = checkpoint.load(resume_path, model, optimizer, scheduler, sampler, run_identity, dist)
-            log(f"resumed from {resume_path} at step {state.step} ({state.samples_seen} samples seen)")
-        if dist.is_main:
-            write_training_params(cfg, dist, output_dir / "training_params.json")
-        log(
-            f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
-            f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
+    data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu)
+    if int(data.input_ids.max()) >= model_config.vocab_size:
+        fail(
+            f"--data-path {cfg.data_path}: token id {int(data.input_ids.max())} is outside the model's vocabulary"
+            f" ({model_config.vocab_size}); was it tokenized for another model?"
         )
+    model = setup_model.setup_model(cfg, dist, model_config)
+    optimizer = setup_model.build_optimizer(cfg, model, dist.device)
+    num_steps = total_steps(cfg, len(data))
+    scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
+    sampler = GlobalSampler(len(data), cfg.seed)
+    state = checkpoint.TrainState()
+    run_identity = checkpoint.run_identity(model_config, data)
+    resume_path = checkpoint.find_resume_path(cfg, output_dir)
+    if resume_path is not None:
+        state = checkpoint.load(resume_path, model, optimizer, scheduler, sampler, run_identity, dist)
+        log(f"resumed from {resume_path} at step {state.step} ({state.samples_seen} samples seen)")
+    if dist.is_main:
+        write_training_params(cfg, dist, output_dir / "training_params.json")
+    log(
+        f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
+        f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
+    )
 
-        start_step = state.step
-        saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity, resumed_at=state.samples_seen)
-        metrics = MetricsLog(output_dir, dist.is_main, num_steps)
-        steps = Prefetcher(
-            data,
-            sampler,
-            batch_sizes(cfg, len(data), state.step, state.samples_seen),
-            cfg.max_tokens_per_gpu,
-            dist.rank,
-            dist.world_size,
-            model_config.pad_token_id or 0,
-        )
-        step_timer = Timer()
-        for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
-            step = state.step + 1
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-            for mb in batch.minibatches:
-                loss = forward_loss_sum(model, mb, dist.device)
-                # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
-                (loss * dist.world_size / batch.num_loss_tokens).backward()
-                loss_sum += loss.detach()
-            grad_norm = clip_gradients(model, cfg.max_grad_norm)
-            loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
-            check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
-            lr = take_optimizer_step(optimizer, scheduler)
-            state.advance(batch)
-            metrics.write(
-                step_metrics(
-                    step=step,
-                    batch=batch,
-                    lr=lr,
-                    loss=loss,
-                    grad_norm=grad_norm,
-                    time_per_step=step_timer.elapsed(),
-                    state=state,
-                    device=dist.device,
-                )
+    start_step = state.step
+    saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity, resumed_at=state.samples_seen)
+    metrics = MetricsLog(output_dir, dist.is_main, num_steps)
+    steps = Prefetcher(
+        data,
+        sampler,
+        batch_sizes(cfg, len(data), state.step, state.samples_seen),
+        cfg.max_tokens_per_gpu,
+        dist.rank,
+        dist.world_size,
+        model_config.pad_token_id or 0,
+    )
+    step_timer = Timer()
+    for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
+        step = state.step + 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        for mb in batch.minibatches:
+            loss = forward_loss_sum(model, mb, dist.device)
+            # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
+            (loss * dist.world_size / batch.num_loss_tokens).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
+        loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
+        check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
+        lr = take_optimizer_step(optimizer, scheduler)
+        state.advance(batch)
+        metrics.write(
+            step_metrics(
+                step=step,
+                batch=batch,
+                lr=lr,
+                loss=loss,
+                grad_norm=grad_norm,
+                time_per_step=step_timer.elapsed(),
+                state=state,
+                device=dist.device,
             )
-            if saver.maybe_save(model, optimizer, scheduler, state):
-                break  # a preemption signal arrived: saved, now exit cleanly
-            step_timer = Timer()  # after any save: a save is no part of the next step's time
-        steps.close()
-        saver.save_final(model, optimizer, scheduler, state)
-        if state.step == start_step:
-            log(f"nothing to do: the run already reached step {state.step}")
-        log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
-    finally:
-        destroy_distributed()
+        )
+        if saver.maybe_save(model, optimizer, scheduler, state):
+            break  # a preemption signal arrived: saved, now exit cleanly
+        step_timer = Timer()  # after any save: a save is no part of the next step's time
+    steps.close()
+    saver.save_final(model, optimizer, scheduler, state)
+    if state.step == start_step:
+        log(f"nothing to do: the run already reached step {state.step}")
+    log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
 
 
 def _cli_from_config(run):

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,19 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=cwd, env=cpu_env(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc=1, extra_env=None, timeout=600):
+    """Run a repo script under torchrun on the CPU (gloo), `nproc` ranks on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-port", str(free_port()), str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cpu_env(extra_env))
 
 
 def dense_targets(mb):

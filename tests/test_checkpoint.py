@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_model
-from conftest import ROOT, cpu_env, run_script, tokenized_conversations
-from test_train import CAP_SMALL, torchrun
+from conftest import ROOT, cpu_env, run_script, tokenized_conversations, torchrun
+from test_train import CAP_SMALL
 
 BATCH = 8
 
@@ -109,7 +109,7 @@ def test_two_ranks_resumed_on_one_extends_a_finished_run(qwen_dir, data_path, tm
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "run"
-    r = torchrun(*args(qwen_dir, data_path, out, 3)[1:], nproc=2)
+    r = torchrun(ROOT / "train.py", *args(qwen_dir, data_path, out, 3)[1:], nproc=2)
     assert r.returncode == 0, r.stderr
     assert names(out, "hf_format") == ["samples_24"]
 

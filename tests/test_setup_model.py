@@ -13,6 +13,7 @@ def plain_loss(hidden, head, targets, transform):
     return F.cross_entropy(transform(head(hidden).float()), targets, reduction="sum")
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(1 / 8), LogitTransform(1.3, 2.0)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])

@@ -1,7 +1,6 @@
 """The training core: exact loss whatever the packing or world size, packed == separate forwards, clear errors."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import setup_model
 import tiny_model
-from conftest import ROOT, cpu_env, dense_targets, run_script, tokenized_conversations
+from conftest import ROOT, cpu_env, dense_targets, free_port, run_script, tokenized_conversations, torchrun
 from sampler import GlobalSampler, collate, load_tokenized
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
@@ -25,12 +24,6 @@ def data_path(qwen_dir, tmp_path_factory):
     out = tokenized_conversations(tmp_path_factory.mktemp("data"), qwen_dir, 120, seed=11, max_tokens=CAP_SMALL)
     assert sum(1 for _ in open(out)) >= 64
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(model_dir, data_path, out_dir, cap, *extra):
@@ -53,21 +46,6 @@ def train_args(model_dir, data_path, out_dir, cap, *extra):
         3,
         *extra,
     ]
-
-
-def torchrun(*args, nproc=1, extra_env=None):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        str(ROOT / "train.py"),
-        *map(str, args),
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=cpu_env(extra_env))
 
 
 def read_run(out_dir):
@@ -117,6 +95,7 @@ def assert_same_run(metrics, weights, ref_losses, ref_norms, ref_weights):
         assert torch.allclose(weights[name], ref, atol=2e-5, rtol=0), name
 
 
+@pytest.mark.floor
 def test_packed_forward_equals_separate_forwards(qwen_dir, data_path):
     """The packed row's summed loss and gradients, through every CPU attention and loss path, equal those of
     separate per-sample forwards."""
@@ -162,7 +141,7 @@ def test_one_rank_many_minibatches_two_ranks_two_nodes_equal_reference(qwen_dir,
     assert all(m["num_minibatches"] >= 3 for m in metrics)
     assert_same_run(metrics, weights, *ref)
 
-    r = torchrun(*train_args(qwen_dir, data_path, tmp_path / "two", CAP_SMALL), nproc=2)
+    r = torchrun(ROOT / "train.py", *train_args(qwen_dir, data_path, tmp_path / "two", CAP_SMALL), nproc=2)
     assert r.returncode == 0, r.stderr
     metrics, weights = read_run(tmp_path / "two")
     assert_same_run(metrics, weights, *ref)
@@ -205,6 +184,7 @@ def test_one_rank_many_minibatches_two_ranks_two_nodes_equal_reference(qwen_dir,
     assert_same_run(metrics, weights, *ref)
 
 
+@pytest.mark.floor
 def test_metrics_fields_and_loss_decreases(qwen_dir, data_path, tmp_path):
     out = tmp_path / "run"
     r = run_script(
