@@ -74,18 +74,19 @@ def test_packed_equals_separate_in_bf16(tmp_path, arch, backend, gpu_data, qwen_
 
 @pytest.mark.gpu
 def test_one_step_equal_between_backends_and_compile(qwen_dir, gpu_data, tmp_path):
-    """Eight bf16 steps: every attention back-end and --compile give the same losses and gradient norms as
-    per-sequence attention without compile (bf16 tolerance)."""
+    """Every attention back-end and --compile against per-sequence attention without compile, bf16: the first
+    step (same weights: loss and gradient norm) and the loss after one optimizer step."""
+    steps = ("--max-steps", 2)
     ref, stdout = train_gpu(
-        qwen_dir, gpu_data, tmp_path / "ref", "--attn-implementation", "leantrain_per_sequence", "--no-compile"
+        qwen_dir, gpu_data, tmp_path / "ref", "--attn-implementation", "leantrain_per_sequence", "--no-compile", *steps
     )
     assert "compile off" in stdout
     variants = [("--attn-implementation", b, "--no-compile") for b in BACKENDS] + [("--compile",)]
     for i, flags in enumerate(variants):
-        metrics, stdout = train_gpu(qwen_dir, gpu_data, tmp_path / f"v{i}", *flags)
-        for m, r in zip(metrics, ref):
-            assert m["loss"] == pytest.approx(r["loss"], rel=1e-2), flags
-            assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=5e-2), flags
+        metrics, stdout = train_gpu(qwen_dir, gpu_data, tmp_path / f"v{i}", *flags, *steps)
+        assert metrics[0]["loss"] == pytest.approx(ref[0]["loss"], rel=5e-3), flags
+        assert metrics[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=2e-2), flags
+        assert metrics[1]["loss"] == pytest.approx(ref[1]["loss"], rel=5e-3), flags
 
 
 @pytest.mark.gpu
