@@ -322,7 +322,6 @@ class Minibatch:
     target_index: "object"  # torch.LongTensor [K]: positions whose next token (same sequence) is a target
     target_ids: "object"  # torch.LongTensor [K]: those targets
     cu_seq_lens: "object"  # torch.IntTensor [num_sequences + 1]: sequence boundaries, for varlen attention
-    seq_lengths: list  # the same boundaries as host-side lengths (per-sequence attention splits by them)
     max_length: int  # longest sequence in the row
     num_tokens: int  # real tokens (0 for an empty minibatch, whose row is one dummy token)
 
@@ -337,8 +336,8 @@ class Minibatch:
             input_ids=self.input_ids.to(**to),
             position_ids=self.position_ids.to(**to),
             cu_seq_lens=self.cu_seq_lens.to(**to),
+            cu_seq_lens_host=self.cu_seq_lens,  # per-sequence attention splits by it without a device sync
             max_length=self.max_length,
-            seq_lengths=self.seq_lengths,
             target_index=self.target_index.to(**to),
             target_ids=self.target_ids.to(**to),
         )
@@ -350,7 +349,7 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
     if not indices:  # an empty minibatch still runs forward/backward so FSDP's collectives line up
         one = torch.tensor([[pad_token_id]])
         none = torch.zeros(0, dtype=torch.long)
-        return Minibatch(one, torch.zeros_like(one), none, none, torch.tensor([0, 1], dtype=torch.int32), [1], 1, 0)
+        return Minibatch(one, torch.zeros_like(one), none, none, torch.tensor([0, 1], dtype=torch.int32), 1, 0)
     idx = np.asarray(indices, dtype=np.int64)
     starts, ends = data.offsets[idx], data.offsets[idx + 1]
     lengths = ends - starts
@@ -363,15 +362,13 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
     # Position t predicts t + 1 only inside one sequence, and only where t + 1 is labelled.
     target_index = np.flatnonzero(~seq_start[1:] & (labels[1:] != IGNORE))
     cu = np.concatenate([np.flatnonzero(seq_start), [len(input_ids)]]).astype(np.int32)
-    seq_lengths = np.diff(cu)
     return Minibatch(
         input_ids=torch.from_numpy(input_ids.astype(np.int64)).unsqueeze(0),
         position_ids=torch.from_numpy(position_ids.astype(np.int64)).unsqueeze(0),
         target_index=torch.from_numpy(target_index.astype(np.int64)),
         target_ids=torch.from_numpy(labels[target_index + 1].astype(np.int64)),
         cu_seq_lens=torch.from_numpy(cu),
-        seq_lengths=seq_lengths.tolist(),
-        max_length=int(seq_lengths.max()),
+        max_length=int(np.diff(cu).max()),
         num_tokens=len(input_ids),
     )
 

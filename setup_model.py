@@ -96,7 +96,7 @@ def per_sequence_attention(
     block-diagonal mask for packed rows under sdpa/eager, and the CPU kernels compute every masked block; attending
     within each sequence costs ~T/len(sequence) times less. Shapes: query [1, heads, T, dim] -> [1, T, heads, dim]."""
     _check_packing_args(module, kwargs, {"s_aux": kwargs.get("s_aux")})
-    lengths = kwargs["leantrain_seq_lengths"]  # host-side copy of the boundaries: no device sync
+    lengths = kwargs["leantrain_cu_seq_lens_host"].diff().tolist()  # a CPU copy of the boundaries: no device sync
     dropout = dropout if module.training else 0.0
     outs = [
         _attend_one(q, k, v, scaling, sliding_window, softcap, dropout)
@@ -220,7 +220,9 @@ class LossModel(nn.Module):
         super().__init__()
         self.lm, self.loss, self.transform, self.compiled = lm, loss, transform, compiled
 
-    def forward(self, input_ids, position_ids, cu_seq_lens, max_length, seq_lengths, target_index, target_ids=None):
+    def forward(
+        self, input_ids, position_ids, cu_seq_lens, cu_seq_lens_host, max_length, target_index, target_ids=None
+    ):
         """target_index: positions of the row that have a target, target_ids: those targets. Without target_ids
         (the setup probe), returns the model's own logits and the head-and-transform logits at target_index."""
         packing = dict(
@@ -228,7 +230,7 @@ class LossModel(nn.Module):
             cu_seq_lens_k=cu_seq_lens,
             max_length_q=max_length,
             max_length_k=max_length,
-            leantrain_seq_lengths=seq_lengths,
+            leantrain_cu_seq_lens_host=cu_seq_lens_host,  # a tensor, not a list: compiled layers need no guard on it
         )
         inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packing)
         if self.loss == "model" or target_ids is None:
@@ -357,24 +359,34 @@ def reshard(model):
             module.reshard()
 
 
-def probe_model(model, cfg, dist, vocab_size: int):
-    """One forward of a tiny packed row, before training: the attention function must get what it needs (else a
-    one-line error), and chunked and liger, which apply the LM head and the logit transform themselves, must
-    match the model's own logits (else `auto` falls back to the model's own forward; a named loss fails)."""
+def probe_model(model, cfg, dist, vocab_size: int, requested: tuple[str, str]):
+    """One forward of a tiny packed row before training, for what cannot be known in advance. The attention
+    function must get what it needs: else `auto` falls back to eager (transformers' own, masks from position_ids)
+    and a named implementation fails. chunked and liger, which apply the LM head and the logit transform
+    themselves, must match the model's own logits: else `auto` falls back to the model's own forward and a named
+    loss fails. `requested` is the (attention, loss) the user asked for."""
+    batch = probe_minibatch(vocab_size).inputs(dist.device) | {"target_ids": None}
     try:
         with torch.no_grad():
-            own, ours = model(**probe_minibatch(vocab_size).inputs(dist.device) | {"target_ids": None})
+            own, ours = model(**batch)
     except AttentionNotSupported as e:
-        fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
+        reshard(model)
+        if requested[0] != "auto":
+            fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
+        log(f"attention {cfg.attn_implementation}: {e}; using eager")
+        cfg.attn_implementation = "eager"
+        model.lm.set_attn_implementation("eager")
+        with torch.no_grad():
+            own, ours = model(**batch)
     reshard(model)
     own = own.float()
     if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=2e-2 * float(own.abs().max()) + 1e-4):
         return
     message = f"the model's logits are not its LM head's output under {model.transform}"
-    if cfg.loss != "auto":
+    if requested[1] != "auto":
         fail(f"--loss {cfg.loss}: {message}; use --loss model")
     log(f"loss: {message}; using the model's own forward (--loss model)")
-    model.loss = "model"
+    model.loss = cfg.loss = "model"
 
 
 def setup_model(cfg, dist, config) -> LossModel:
@@ -383,6 +395,7 @@ def setup_model(cfg, dist, config) -> LossModel:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    requested = (cfg.attn_implementation, cfg.loss)
     cfg.attn_implementation = choose_attention(cfg, dist, config)
     cfg.loss = choose_loss(cfg, dist)
     if cfg.compile is None:  # Liger's Triton kernels inside compiled layers fail to trace: one or the other
@@ -413,8 +426,7 @@ def setup_model(cfg, dist, config) -> LossModel:
         set_model_state_dict(model, full_state or {}, options=options)
         broadcast_buffers(model)
     model.train()
-    probe_model(model, cfg, dist, config.get_text_config().vocab_size)
-    cfg.loss = model.loss
+    probe_model(model, cfg, dist, config.get_text_config().vocab_size, requested)
     log(
         f"model: {type(lm).__name__}, {num_params / 1e6:.1f}M "
         f"parameters, attention {cfg.attn_implementation}, loss {cfg.loss}, compile {'on' if cfg.compile else 'off'}, "
