@@ -7,6 +7,7 @@ forward or backward waits on the GPU). Making the wrapper the FSDP root keeps th
 runs, whichever loss is used.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -88,7 +89,6 @@ def _attend_one(q, k, v, scale, window, softcap, dropout):
     return probs @ v
 
 
-@torch.compiler.disable  # a Python loop over host-side lengths: keep it out of compiled graphs
 def per_sequence_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
 ):
@@ -160,7 +160,10 @@ def cross_entropy_and_grad(logits, targets, scale: float, softcap: float | None)
     return loss, grad.to(logits.dtype)
 
 
-compiled_cross_entropy_and_grad = torch.compile(cross_entropy_and_grad, dynamic=True)  # compiles on first call
+@functools.cache
+def compiled_cross_entropy_and_grad():
+    """Made on first use (importing the compiler costs ~100 MB and a second: CPU runs never need it)."""
+    return torch.compile(cross_entropy_and_grad, dynamic=True)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -170,7 +173,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform, chunk_rows, compiled):
-        ce_and_grad = compiled_cross_entropy_and_grad if compiled else cross_entropy_and_grad
+        ce_and_grad = compiled_cross_entropy_and_grad() if compiled else cross_entropy_and_grad
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
@@ -326,7 +329,11 @@ def apply_liger(lm):
 
 def compile_layers(lm):
     """Regional compile: each decoder layer's forward on its own (one graph reused by every layer, compiled in
-    seconds), with dynamic shapes so that a new row length or sequence count does not recompile."""
+    seconds), with dynamic shapes so that a new row length or sequence count does not recompile. Per-sequence
+    attention, a Python loop over host-side lengths, stays out of the graphs."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PER_SEQUENCE, torch.compiler.disable(per_sequence_attention))
     for layer in decoder_layers(lm):
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
