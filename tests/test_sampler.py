@@ -1,6 +1,7 @@
 """sampler.py: loading, the global seeded sampler, LPT packing, padding-free collation, prefetching."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,35 @@ def test_load_errors_name_file_and_line(tmp_path, line, message):
     path.write_text('{"input_ids": [1, 2], "labels": [1, 2]}\n' + line + "\n")
     with pytest.raises(UserError, match=message):
         load_tokenized(path, 100)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"input_ids": [1, 12.7], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got 12.7 at index 1"),
+        ({"input_ids": [1, "12"], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got '12' at index 1"),
+        ({"input_ids": [True, 2], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got True at index 0"),
+        ({"input_ids": [1, -3], "labels": [1, 2]}, "field 'input_ids': -3 at index 1 is outside [0, 4000)"),
+        ({"input_ids": [1, 2**32 + 7], "labels": [1, 2]}, f"field 'input_ids': {2**32 + 7} at index 1 is outside"),
+        ({"input_ids": [1, 4000], "labels": [1, 2]}, "field 'input_ids': 4000 at index 1 is outside [0, 4000)"),
+        ({"input_ids": [1, 2], "labels": [-5, 2]}, "field 'labels': -5 at index 0 is neither -100 nor in [0, 4000)"),
+        ({"input_ids": [1, 2], "labels": [1, 99999]}, "field 'labels': 99999 at index 1 is neither -100 nor in"),
+        ({"input_ids": [1, 2], "labels": [1, 2.0]}, "field 'labels' must hold JSON integers, got 2.0 at index 1"),
+        ({"input_ids": [1, 2], "labels": [1, 2], "position_ids": [0, -1]}, "field 'position_ids': -1 at index 1 is"),
+    ],
+)
+def test_load_accepts_only_integers_the_model_can_take(tmp_path, row, message):
+    """JSON integers only (no floats, strings or booleans); ids in [0, vocab), labels -100 or in [0, vocab),
+    position_ids >= 0: one error naming the file, line and field, checked before any conversion can wrap."""
+    path = write_rows(tmp_path / "d.jsonl", [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, row])
+    with pytest.raises(UserError, match="^" + re.escape(f"{path}:2: {message}")):
+        load_tokenized(path, 100, vocab_size=4000)
+
+
+def test_load_accepts_a_utf8_bom(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}\n')
+    assert load_tokenized(path, 100, vocab_size=4000).input_ids.tolist() == [1, 2, 3]
 
 
 def test_load_drops_samples_without_targets(tmp_path, capsys):
