@@ -51,19 +51,21 @@ class MetricsLog:
     def __init__(self, output_dir: Path, is_main: bool, total_steps: int | None):
         self.path = Path(output_dir) / METRICS_FILE
         self.is_main, self.total_steps = is_main, total_steps
-        self.recent: list[float] = []  # step times, for the ETA
+        self.recent: list[float] = []  # step times after the first, for the ETA
+        self.written = 0
 
     def write(self, metrics: dict):
         if not self.is_main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.recent = (self.recent + [metrics["time_per_step"]])[-20:]
+        self.written += 1
+        if self.written > 1:  # the first step of a process compiles and warms up: it says nothing about the rest
+            self.recent = (self.recent + [metrics["time_per_step"]])[-20:]
         eta = ""
         if self.total_steps:
-            eta = (
-                f" | ETA {format_duration(sum(self.recent) / len(self.recent) * (self.total_steps - metrics['step']))}"
-            )
+            recent = self.recent or [metrics["time_per_step"]]
+            eta = f" | ETA {format_duration(sum(recent) / len(recent) * (self.total_steps - metrics['step']))}"
         of = f"/{self.total_steps}" if self.total_steps else ""
         log(
             f"step {metrics['step']}{of} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "

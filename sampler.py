@@ -73,20 +73,44 @@ def count_targets(labels: np.ndarray, starts: np.ndarray, offsets: np.ndarray) -
     return np.add.reduceat(is_target, offsets[:-1]).astype(np.int64) if len(labels) else np.zeros(0, np.int64)
 
 
-def _int_array(value, field: str, where: str) -> np.ndarray:
+INT32_LIMIT = 2**31 - 1  # ids and positions are stored as int32
+
+
+def _int_array(value, field: str, where: str, raw: bytes, high: int, allow_ignore: bool = False) -> np.ndarray:
+    """A JSON list of integers in [0, high) (or IGNORE, for labels) as int64. Anything else is a one-line error:
+    floats, strings and booleans are not silently converted, and nothing wraps in the int32 arrays."""
     if not isinstance(value, list):
         fail(f"{where}: field '{field}' must be a list of integers, got {type(value).__name__}")
+    if not value:
+        return np.zeros(0, np.int64)
     try:
-        arr = np.asarray(value, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        fail(f"{where}: field '{field}' must be a list of integers")
-    if arr.ndim != 1:
+        arr = np.asarray(value)
+    except ValueError:
+        arr = None
+    if arr is None or arr.ndim != 1:
         fail(f"{where}: field '{field}' must be a flat list of integers")
-    return arr
+    # numpy turns [1, True] into integers: where the line could hold a boolean, check element by element.
+    if arr.dtype.kind != "i" or b"true" in raw or b"false" in raw:
+        for i, x in enumerate(value):
+            if type(x) is not int:
+                fail(f"{where}: field '{field}' must be a list of integers, got {x!r} at index {i}")
+    if arr.dtype.kind == "i":
+        bad = (arr < 0) | (arr >= high)
+        if allow_ignore:
+            bad &= arr != IGNORE
+        first = int(np.argmax(bad)) if bad.any() else None
+    else:  # Python integers beyond int64
+        first = next(i for i, x in enumerate(value) if not (0 <= x < high or (allow_ignore and x == IGNORE)))
+    if first is not None:
+        allowed = f"neither {IGNORE} nor in [0, {high})" if allow_ignore else f"outside [0, {high})"
+        hint = "" if high == INT32_LIMIT else " (the model's vocabulary: was the data tokenized for another model?)"
+        fail(f"{where}: field '{field}': {value[first]} at index {first} is {allowed}{hint}")
+    return arr.astype(np.int64)
 
 
-def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedData:
+def load_tokenized(path: str | Path, max_tokens_per_sample: int, vocab_size: int | None = None) -> TokenizedData:
     """Read a tokenized JSONL (`input_ids`, `labels`, optional `position_ids`, `len`, `num_loss_counted_tokens`).
+    Ids and labels must fit the model's vocabulary (`vocab_size`, when given); a UTF-8 BOM is accepted.
 
     Samples longer than max_tokens_per_sample (the per-rank minibatch capacity) can never be packed: they are
     dropped here with a logged count. Optional fields are recomputed (`num_loss_counted_tokens` always, with the
@@ -98,6 +122,8 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedDat
     too_long = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -108,8 +134,9 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedDat
             if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
                 hint = " (this looks like a messages file: run process_data.py first)" if "messages" in row else ""
                 fail(f"{where}: not a tokenized sample, needs fields 'input_ids' and 'labels'{hint}")
-            ids = _int_array(row["input_ids"], "input_ids", where)
-            labels = _int_array(row["labels"], "labels", where)
+            vocab = vocab_size or INT32_LIMIT
+            ids = _int_array(row["input_ids"], "input_ids", where, raw, vocab)
+            labels = _int_array(row["labels"], "labels", where, raw, vocab, allow_ignore=True)
             if len(ids) != len(labels):
                 fail(f"{where}: 'input_ids' has {len(ids)} tokens but 'labels' has {len(labels)}")
             if len(ids) == 0:
@@ -117,7 +144,7 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int) -> TokenizedDat
             if "len" in row and row["len"] != len(ids):
                 fail(f"{where}: field 'len' is {row['len']} but 'input_ids' has {len(ids)} tokens")
             if "position_ids" in row:
-                pos = _int_array(row["position_ids"], "position_ids", where)
+                pos = _int_array(row["position_ids"], "position_ids", where, raw, INT32_LIMIT)
                 if len(pos) != len(ids):
                     fail(f"{where}: 'position_ids' has {len(pos)} entries but 'input_ids' has {len(ids)}")
             else:

@@ -10,6 +10,7 @@ runs, whichever loss is used.
 import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -252,10 +253,22 @@ class LossModel(nn.Module):
 # Loading, choosing, compiling and sharding
 
 
+def looks_local(path: str) -> bool:
+    """A path that can only mean a folder here: absolute, ./ ~ or ../, more than `org/name`, or under a folder
+    that exists here (`runs/nope` when runs/ exists). A hub id is `name` or `org/name`."""
+    p = Path(path).expanduser()
+    return (
+        p.is_absolute() or path.startswith((".", "~")) or len(p.parts) > 2 or (len(p.parts) == 2 and p.parent.is_dir())
+    )
+
+
 def check_model_path(path: str):
-    """A one-line error for a missing or non-model --model-name-or-path, before any heavy work."""
+    """A one-line error for a missing or non-model --model-name-or-path, before any heavy work (a misspelt local
+    folder is reported at once instead of after transformers has tried the hub)."""
     from transformers import AutoConfig
 
+    if looks_local(path) and not Path(path).expanduser().exists():
+        fail(f"--model-name-or-path {path}: no such folder")
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # OSError, ValueError, KeyError... depending on what is wrong with the folder
@@ -464,7 +477,21 @@ def build_scheduler(cfg, optimizer, total_steps: int | None):
         return get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.num_warmup_steps, num_training_steps=total_steps
         )
-    except ValueError as e:
-        if total_steps is None:
+    except (ValueError, TypeError) as e:
+        if total_steps is None and "num_training_steps" in str(e):
             fail(f"--lr-scheduler {cfg.lr_scheduler} needs a known run length: set --max-steps or --max-epochs")
-        fail(f"--lr-scheduler {cfg.lr_scheduler}: {e}")
+        fail(f"--lr-scheduler {cfg.lr_scheduler}: cannot be built from leantrain's flags ({first_line(e)})")
+
+
+def check_scheduler(cfg):
+    """Before any heavy work: the schedule builds from the flags alone and steps without a metric
+    (reduce_lr_on_plateau and greedy want one, which leantrain does not give them)."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(cfg, optimizer, cfg.max_steps or (10**6 if cfg.max_epochs else None))
+    optimizer.step()
+    try:
+        scheduler.step()
+    except TypeError as e:
+        fail(
+            f"--lr-scheduler {cfg.lr_scheduler}: steps only with a metric, which leantrain does not pass ({first_line(e)})"
+        )

@@ -183,6 +183,7 @@ def train(cfg: TrainConfig):
     from utils import destroy_distributed, init_distributed
 
     cfg.validate()
+    setup_model.check_scheduler(cfg)
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
     dist = init_distributed()
     try:
@@ -209,12 +210,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
         checkpoint.remove_partial_saves(output_dir)
     torch.manual_seed(cfg.seed)
 
-    data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu)
-    if int(data.input_ids.max()) >= model_config.vocab_size:
-        fail(
-            f"--data-path {cfg.data_path}: token id {int(data.input_ids.max())} is outside the model's vocabulary"
-            f" ({model_config.vocab_size}); was it tokenized for another model?"
-        )
+    data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu, model_config.vocab_size)
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
     num_steps = total_steps(cfg, len(data))

@@ -76,15 +76,24 @@ def test_load_errors_name_file_and_line(tmp_path, line, message):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"input_ids": [1, 12.7], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got 12.7 at index 1"),
-        ({"input_ids": [1, "12"], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got '12' at index 1"),
-        ({"input_ids": [True, 2], "labels": [1, 2]}, "field 'input_ids' must hold JSON integers, got True at index 0"),
+        (
+            {"input_ids": [1, 12.7], "labels": [1, 2]},
+            "field 'input_ids' must be a list of integers, got 12.7 at index 1",
+        ),
+        (
+            {"input_ids": [1, "12"], "labels": [1, 2]},
+            "field 'input_ids' must be a list of integers, got '12' at index 1",
+        ),
+        (
+            {"input_ids": [True, 2], "labels": [1, 2]},
+            "field 'input_ids' must be a list of integers, got True at index 0",
+        ),
         ({"input_ids": [1, -3], "labels": [1, 2]}, "field 'input_ids': -3 at index 1 is outside [0, 4000)"),
         ({"input_ids": [1, 2**32 + 7], "labels": [1, 2]}, f"field 'input_ids': {2**32 + 7} at index 1 is outside"),
         ({"input_ids": [1, 4000], "labels": [1, 2]}, "field 'input_ids': 4000 at index 1 is outside [0, 4000)"),
         ({"input_ids": [1, 2], "labels": [-5, 2]}, "field 'labels': -5 at index 0 is neither -100 nor in [0, 4000)"),
         ({"input_ids": [1, 2], "labels": [1, 99999]}, "field 'labels': 99999 at index 1 is neither -100 nor in"),
-        ({"input_ids": [1, 2], "labels": [1, 2.0]}, "field 'labels' must hold JSON integers, got 2.0 at index 1"),
+        ({"input_ids": [1, 2], "labels": [1, 2.0]}, "field 'labels' must be a list of integers, got 2.0 at index 1"),
         ({"input_ids": [1, 2], "labels": [1, 2], "position_ids": [0, -1]}, "field 'position_ids': -1 at index 1 is"),
     ],
 )

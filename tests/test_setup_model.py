@@ -1,6 +1,8 @@
 """setup_model's pieces on the CPU: the chunked loss == plain cross-entropy (logit transforms included), the
 per-sequence attention == the model's own eager attention on windows and soft-capping, attention and loss choice."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +156,27 @@ def test_attention_the_model_cannot_use_falls_back_to_eager(qwen_dir, qwen_data,
         assert torch.allclose(p.grad.full_tensor(), q.grad.full_tensor(), atol=1e-6)
     with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: .* use --attn"):
         setup(qwen_dir, dist, attn_implementation="leantrain_per_sequence")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(lr_scheduler="cosinus"), "--lr-scheduler cosinus: cannot be built from leantrain's flags"),
+        (dict(lr_scheduler="cosine"), "--lr-scheduler cosine needs a known run length"),
+        (
+            dict(lr_scheduler="reduce_lr_on_plateau", max_steps=5),
+            "--lr-scheduler reduce_lr_on_plateau: steps only with",
+        ),
+        (dict(lr_scheduler="warmup_stable_decay", max_steps=5), "--lr-scheduler warmup_stable_decay: cannot be built"),
+    ],
+)
+def test_unusable_schedules_fail_before_any_heavy_work(flags, message):
+    import train
+
+    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=8)
+    for name, value in flags.items():
+        setattr(cfg, name, value)
+    with pytest.raises(setup_model.UserError, match="^" + re.escape(message)):
+        setup_model.check_scheduler(cfg)
+    cfg.lr_scheduler, cfg.max_steps = "cosine", 5
+    setup_model.check_scheduler(cfg)

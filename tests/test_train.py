@@ -258,6 +258,7 @@ def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
         ("batch_size_0", "--batch-size must be >= 1"),
         ("conflicting_lengths", "--max-steps and --max-epochs conflict"),
         ("missing_model", "--model-name-or-path"),
+        ("misspelt_local_model", "runs/nope: no such folder"),
         ("not_a_model", "not a loadable model"),
         ("not_tokenized", "not a tokenized sample"),
         ("nothing_fits", "fits --max-tokens-per-gpu"),
@@ -271,6 +272,9 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
         args["extra"] = ["--max-epochs", 1]
     elif case == "missing_model":
         args["model"] = tmp_path / "nope"
+    elif case == "misspelt_local_model":  # runs/ exists here: a local folder meant, not a hub id to try
+        (tmp_path / "runs").mkdir()
+        args["model"] = "runs/nope"
     elif case == "not_a_model":
         (tmp_path / "empty").mkdir()
         args["model"] = tmp_path / "empty"
@@ -293,6 +297,7 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
         "--max-steps",
         1,
         *args["extra"],
+        cwd=tmp_path,
     )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
