@@ -13,6 +13,7 @@ case the line is skipped and counted. The output is written to a temporary file 
 either complete or absent.
 """
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -48,6 +49,10 @@ def parse_line(raw: bytes) -> list[dict]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidLine("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise InvalidLine("invalid_json", "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise InvalidLine("invalid_json", f"invalid JSON: {first_line(e)}") from None
     if not isinstance(obj, dict):
         raise InvalidLine("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     if "messages" not in obj:
@@ -223,6 +228,8 @@ def read_chunks(path: Path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             raw = raw.rstrip(b"\r\n")
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
             if not raw.strip():
                 continue
             chunk.append((lineno, raw))
@@ -266,6 +273,24 @@ def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens
     print(mark_masked(tokenizer, *example))
 
 
+def check_paths(input_file: Path, output_file: Path):
+    """What can be known before any work: the input is a file, the output is not the input, not a folder, and its
+    folder can be made and written to."""
+    if input_file.is_dir():
+        fail(f"{input_file}: is a folder, not a file")
+    if not input_file.is_file():
+        fail(f"{input_file}: no such file")
+    if output_file.exists() and output_file.resolve() == input_file.resolve():
+        fail(f"--output-file {output_file}: is the input file (it would be overwritten)")
+    if output_file.is_dir():
+        fail(f"--output-file {output_file}: is a folder")
+    existing = next(p for p in output_file.parents if p.exists())
+    if not existing.is_dir():
+        fail(f"--output-file {output_file}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--output-file {output_file}: {existing} is not writable")
+
+
 @exit_on_user_error
 def main(
     input_file: Path = typer.Option(..., help="Messages JSONL: one {'messages': [{'role', 'content'}, ...]} per line."),
@@ -288,8 +313,7 @@ def main(
     import multiprocessing as mp
 
     source = str(input_file)
-    if not input_file.is_file():
-        fail(f"{source}: no such file")
+    check_paths(input_file, output_file)
     if max_sample_num_tokens is not None and max_sample_num_tokens < 1:
         fail(f"--max-sample-num-tokens must be >= 1, got {max_sample_num_tokens}")
     num_proc = num_proc or len(os.sched_getaffinity(0))
@@ -297,6 +321,7 @@ def main(
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not from rayon
     tokenizer = load_tokenizer(model_name_or_path)
 
+    created = [p for p in reversed(output_file.parents) if not p.exists()]  # removed again if this run fails
     output_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
     counts, dropped, invalid = Counter(), Counter(), Counter()
@@ -340,10 +365,16 @@ def main(
         os.replace(tmp, output_file)
     except FatalLine as e:  # raised in-process when num_proc == 1
         raise UserError(str(e)) from None
+    except OSError as e:  # disk full, permissions changed under us...
+        raise UserError(f"{e.filename or output_file}: cannot write ({e.strerror or first_line(e)})") from None
     finally:
         if pool is not None:
             pool.terminate()
         tmp.unlink(missing_ok=True)
+        if not output_file.exists():
+            for folder in reversed(created):  # deepest first; a folder something else wrote into stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     print_summary(source, output_file, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer)
 
 

@@ -56,6 +56,16 @@ MISTRAL_TAGGED = (
 )
 
 
+def invoke(src, out, tokenizer_dir, *flags):
+    """The process_data CLI, in-process."""
+    import typer
+
+    app = typer.Typer()
+    app.command()(process_data.main)
+    args = ["--input-file", src, "--output-file", out, "--model-name-or-path", tokenizer_dir, *flags]
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def run(tmp_path, rows, tokenizer_dir, *flags, raw_lines=None):
     """Write rows (or raw lines) to a JSONL, run the CLI in-process; return (result, output rows or None)."""
     src = tmp_path / "in.jsonl"
@@ -65,12 +75,7 @@ def run(tmp_path, rows, tokenizer_dir, *flags, raw_lines=None):
         tiny_model.write_jsonl(src, rows)
     out = tmp_path / "out.jsonl"
     out.unlink(missing_ok=True)
-    import typer
-
-    app = typer.Typer()
-    app.command()(process_data.main)
-    args = ["--input-file", src, "--output-file", out, "--model-name-or-path", tokenizer_dir, "--num-proc", "1", *flags]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke(src, out, tokenizer_dir, "--num-proc", "1", *flags)
     rows_out = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else None
     return result, rows_out
 
@@ -187,6 +192,8 @@ BAD_LINES = {
     "non_string_reasoning": b'{"messages": [{"role": "assistant", "content": "a", "reasoning_content": ["x"]}]}\n',
     "pretrain_mixed": b'{"messages": [{"role": "pretrain", "content": "x"}, {"role": "user", "content": "y"}]}\n',
     "invalid_utf8": b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+    "nested_too_deeply": b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+    "integer_too_long": b'{"messages": [], "n": 1' + b"0" * 5000 + b"}\n",
 }
 GOOD = json.dumps({"messages": [U1, A1]}).encode() + b"\n"
 
@@ -199,6 +206,42 @@ def test_bad_input_is_one_line_error_with_line_number(tmp_path, qwen_dir, case):
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'in.jsonl'}:3: "), result.stderr
     assert out is None, "no output file on error"
     assert not list(tmp_path.glob(".out.jsonl.tmp*")), "no temporary file left behind"
+
+
+def test_a_utf8_bom_is_accepted(tmp_path, qwen_dir):
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[b"\xef\xbb\xbf" + GOOD, GOOD])
+    assert result.exit_code == 0, result.output
+    assert len(out) == 2
+
+
+@pytest.mark.parametrize("case", ["output_is_input", "output_is_folder", "parent_is_file", "input_is_folder"])
+def test_bad_paths_fail_before_any_work_and_leave_nothing(tmp_path, qwen_dir, case):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(GOOD)
+    output, expected = {
+        "output_is_input": (src, "is the input file"),
+        "output_is_folder": (tmp_path, "is a folder"),
+        "parent_is_file": (src / "sub" / "out.jsonl", "is a file, not a folder"),
+        "input_is_folder": (tmp_path / "new" / "out.jsonl", "is a folder, not a file"),
+    }[case]
+    if case == "input_is_folder":
+        src = tmp_path
+    before = sorted(tmp_path.rglob("*"))
+    result = invoke(src, output, qwen_dir)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert sorted(tmp_path.rglob("*")) == before, "nothing created"
+    assert (tmp_path / "in.jsonl").read_bytes() == GOOD, "input untouched"
+
+
+def test_a_failed_run_removes_the_folders_it_created(tmp_path, qwen_dir):
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[GOOD, BAD_LINES["unknown_role"]])
+    assert result.exit_code == 2
+    deep = tmp_path / "a" / "b" / "out.jsonl"
+    src = tmp_path / "in.jsonl"
+    result = invoke(src, deep, qwen_dir, "--num-proc", "1")
+    assert result.exit_code == 2 and not (tmp_path / "a").exists()
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, qwen_dir):
