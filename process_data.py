@@ -13,7 +13,6 @@ case the line is skipped and counted. The output is written to a temporary file 
 either complete or absent.
 """
 
-import contextlib
 import json
 import os
 from collections import Counter
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from utils import UserError, exit_on_user_error, fail, first_line
+from utils import UserError, check_can_create, exit_on_user_error, fail, first_line, make_folders, remove_empty_folders
 
 ROLES = {"system", "user", "assistant", "tool", "pretrain"}
 CHUNK_LINES = 256  # lines per work unit: big enough to batch tokenization, small enough to balance processes
@@ -257,10 +256,25 @@ def mark_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
-def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer):
+def model_positions(model_name_or_path: str) -> int | None:
+    """The model's `max_position_embeddings`, where the folder has a config.json that says it."""
+    config = Path(model_name_or_path) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer, positions):
     import numpy as np
 
     print(f"read {counts['read']} samples from {source}, wrote {counts['written']} to {output}")
+    overlong = sum(1 for n in lengths if positions and n > positions)
+    if overlong:
+        print(
+            f"  warning: {overlong} samples are longer than the model's {positions} positions: train.py stops on them"
+            f" unless --drop-overlong-samples (or drop them here with --max-sample-num-tokens {positions})"
+        )
     for reason, n in sorted(dropped.items()):
         print(f"  dropped {n} ({reason})")
     for reason, n in sorted(invalid.items()):
@@ -271,6 +285,25 @@ def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens
     print(f"length: min {lengths.min()}, p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {lengths.max()}")
     print("example (masked tokens in «», the rest is trained on):")
     print(mark_masked(tokenizer, *example))
+
+
+def remove_stale_temp_files(output_file: Path):
+    """Temp files of earlier runs killed before their rename (`.NAME.tmp-PID`): removed once their owner is
+    gone; a live one may be another run writing the same output right now."""
+    for tmp in output_file.parent.glob(f".{output_file.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def check_paths(input_file: Path, output_file: Path):
@@ -284,11 +317,7 @@ def check_paths(input_file: Path, output_file: Path):
         fail(f"--output-file {output_file}: is the input file (it would be overwritten)")
     if output_file.is_dir():
         fail(f"--output-file {output_file}: is a folder")
-    existing = next(p for p in output_file.parents if p.exists())
-    if not existing.is_dir():
-        fail(f"--output-file {output_file}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--output-file {output_file}: {existing} is not writable")
+    check_can_create(output_file.parent, f"--output-file {output_file}")
 
 
 @exit_on_user_error
@@ -321,8 +350,8 @@ def main(
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not from rayon
     tokenizer = load_tokenizer(model_name_or_path)
 
-    created = [p for p in reversed(output_file.parents) if not p.exists()]  # removed again if this run fails
-    output_file.parent.mkdir(parents=True, exist_ok=True)
+    created = make_folders(output_file.parent)  # removed again if this run fails
+    remove_stale_temp_files(output_file)
     tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
     counts, dropped, invalid = Counter(), Counter(), Counter()
     lengths, loss_tokens, example = [], 0, None
@@ -372,10 +401,9 @@ def main(
             pool.terminate()
         tmp.unlink(missing_ok=True)
         if not output_file.exists():
-            for folder in reversed(created):  # deepest first; a folder something else wrote into stays
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-    print_summary(source, output_file, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer)
+            remove_empty_folders(created)
+    positions = model_positions(model_name_or_path)
+    print_summary(source, output_file, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer, positions)
 
 
 if __name__ == "__main__":

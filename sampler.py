@@ -108,9 +108,17 @@ def _int_array(value, field: str, where: str, raw: bytes, high: int, allow_ignor
     return arr.astype(np.int64)
 
 
-def load_tokenized(path: str | Path, max_tokens_per_sample: int, vocab_size: int | None = None) -> TokenizedData:
+def load_tokenized(
+    path: str | Path,
+    max_tokens_per_sample: int,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    drop_overlong: bool = False,
+) -> TokenizedData:
     """Read a tokenized JSONL (`input_ids`, `labels`, optional `position_ids`, `len`, `num_loss_counted_tokens`).
-    Ids and labels must fit the model's vocabulary (`vocab_size`, when given); a UTF-8 BOM is accepted.
+    Ids and labels must fit the model's vocabulary (`vocab_size`, when given); a UTF-8 BOM is accepted. A sample
+    whose positions reach `max_positions` (a sequence longer than the model has positions for) is an error, or
+    dropped and counted with `drop_overlong`.
 
     Samples longer than max_tokens_per_sample (the per-rank minibatch capacity) can never be packed: they are
     dropped here with a logged count. Optional fields are recomputed (`num_loss_counted_tokens` always, with the
@@ -175,7 +183,31 @@ def load_tokenized(path: str | Path, max_tokens_per_sample: int, vocab_size: int
         num_loss_counted_tokens=count_targets(labels, sequence_starts(position_ids, offsets[:-1]), offsets),
         source_lines=np.asarray(lines, dtype=np.int64),
     )
+    if max_positions is not None:
+        data = drop_overlong_samples(data, path, max_positions, drop_overlong)
     return drop_samples_without_targets(data)
+
+
+def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, drop: bool) -> TokenizedData:
+    """Positions restart at each sequence, so a sample reaching position max_positions holds a sequence longer
+    than the model's positions: the model would train on positions it has never been given."""
+    overlong = np.maximum.reduceat(data.position_ids, data.offsets[:-1]) >= max_positions
+    if not overlong.any():
+        return data
+    count, line = int(overlong.sum()), int(data.source_lines[np.argmax(overlong)])
+    what = (
+        f"{count} samples have a sequence longer than the model's {max_positions} positions (the first at line {line})"
+    )
+    if not drop:
+        fail(
+            f"--data-path {path}: {what}: drop them with --drop-overlong-samples (or --max-sample-num-tokens in process_data.py)"
+        )
+    if overlong.all():
+        fail(
+            f"--data-path {path}: all {count} samples have a sequence longer than the model's {max_positions} positions"
+        )
+    log(f"dropped {what}")
+    return select_samples(data, ~overlong)
 
 
 def drop_samples_without_targets(data: TokenizedData) -> TokenizedData:
@@ -187,6 +219,11 @@ def drop_samples_without_targets(data: TokenizedData) -> TokenizedData:
     log(f"dropped {int((~keep).sum())} samples with no loss-counted token")
     if not keep.any():
         fail("--data-path: no sample has a loss-counted token (every label is -100 or a sequence's first token)")
+    return select_samples(data, keep)
+
+
+def select_samples(data: TokenizedData, keep: np.ndarray) -> TokenizedData:
+    """The samples where `keep` is true, flat arrays rebuilt."""
     token_keep = np.repeat(keep, data.lengths)
     offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(data.lengths[keep], out=offsets[1:])

@@ -33,6 +33,11 @@ class TrainConfig:
     output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.")
     batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).")
     max_tokens_per_gpu: int = option(help="Token capacity of one minibatch on one rank; longer samples are dropped.")
+    drop_overlong_samples: bool = option(
+        False,
+        "Drop (and count) samples with a sequence longer than the model's positions instead of stopping.",
+        ("--drop-overlong-samples",),
+    )
     # optimisation
     learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
     num_warmup_steps: int = option(0, "Linear warmup steps.")
@@ -180,10 +185,11 @@ def take_optimizer_step(optimizer, scheduler) -> float:
 def train(cfg: TrainConfig):
     """Check the flags, start the process group, train, stop the process group."""
     import setup_model
-    from utils import destroy_distributed, init_distributed
+    from utils import check_can_create, destroy_distributed, init_distributed
 
     cfg.validate()
     setup_model.check_scheduler(cfg)
+    check_can_create(Path(cfg.output_dir), f"--output-dir {cfg.output_dir}")
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
     dist = init_distributed()
     try:
@@ -204,13 +210,17 @@ def run_training(cfg: TrainConfig, dist, model_config):
 
     cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
     cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
-    output_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_partial_saves(output_dir)
     torch.manual_seed(cfg.seed)
 
-    data = load_tokenized(cfg.data_path, cfg.max_tokens_per_gpu, model_config.vocab_size)
+    data = load_tokenized(
+        cfg.data_path,
+        cfg.max_tokens_per_gpu,
+        model_config.vocab_size,
+        max_positions=getattr(model_config.get_text_config(), "max_position_embeddings", None),
+        drop_overlong=cfg.drop_overlong_samples,
+    )
+    if cfg.batch_size > len(data):
+        log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
     num_steps = total_steps(cfg, len(data))
@@ -218,6 +228,10 @@ def run_training(cfg: TrainConfig, dist, model_config):
     sampler = GlobalSampler(len(data), cfg.seed)
     state = checkpoint.TrainState()
     run_identity = checkpoint.run_identity(model_config, data)
+    output_dir = Path(cfg.output_dir)  # made only now: a run that fails on its data or model leaves nothing behind
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial_saves(output_dir)
     resume_path = checkpoint.find_resume_path(cfg, output_dir)
     if resume_path is not None:
         state = checkpoint.load(resume_path, model, optimizer, scheduler, sampler, run_identity, dist)

@@ -4,11 +4,13 @@ Keeping all collectives here makes the distributed surface of leantrain readable
 two reductions the loop needs (a sum and an agreement), a barrier, and the weight broadcast at load time.
 """
 
+import contextlib
 import functools
 import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -39,6 +41,29 @@ def exit_on_user_error(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def check_can_create(folder: Path, what: str):
+    """`folder` is, or can be made as, a folder this process may write in; else a one-line error about `what`."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{what}: {existing} is not writable")
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created, outermost first (a failed run removes them again)."""
+    created = [p for p in reversed((folder, *folder.parents)) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty_folders(created: list[Path]):
+    """Undo make_folders, innermost first, leaving any folder that something has written into."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def rank() -> int:

@@ -1,6 +1,7 @@
 """process_data.py: the exact label rule on several template styles, drops, bad input, parallel == serial."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -242,6 +243,23 @@ def test_a_failed_run_removes_the_folders_it_created(tmp_path, qwen_dir):
     src = tmp_path / "in.jsonl"
     result = invoke(src, deep, qwen_dir, "--num-proc", "1")
     assert result.exit_code == 2 and not (tmp_path / "a").exists()
+
+
+def test_stale_temp_files_go_live_ones_stay(tmp_path, qwen_dir):
+    dead, alive = tmp_path / ".out.jsonl.tmp-999999999", tmp_path / f".out.jsonl.tmp-{os.getppid()}"
+    for f in (dead, alive):
+        f.write_text("partial")
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[GOOD])
+    assert result.exit_code == 0 and len(out) == 1
+    assert not dead.exists() and alive.exists()
+
+
+def test_samples_longer_than_the_models_positions_are_counted(tmp_path, qwen_dir):
+    """The tiny model has 4,096 positions; a conversation of ~5,000 tokens is kept, with a warning and a count."""
+    long = {"messages": [U1, {"role": "assistant", "content": " ".join(["suneelxi"] * 5000)}]}
+    result, out = run(tmp_path, [long, {"messages": [U1, A1]}], qwen_dir)
+    assert result.exit_code == 0 and len(out) == 2 and out[0]["len"] > 4096
+    assert "warning: 1 samples are longer than the model's 4096 positions" in result.output
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, qwen_dir):

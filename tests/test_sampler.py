@@ -111,6 +111,24 @@ def test_load_accepts_a_utf8_bom(tmp_path):
     assert load_tokenized(path, 100, vocab_size=4000).input_ids.tolist() == [1, 2, 3]
 
 
+def test_overlong_sequences_stop_or_are_dropped_and_documents_count_apart(tmp_path, capsys):
+    """Max 8 positions: a 9-token sample is refused (or dropped with a count); a 12-token row of two 6-token
+    documents (its own position_ids) is not overlong."""
+    rows = [
+        {"input_ids": [1] * 5, "labels": [1] * 5},
+        {"input_ids": [1] * 9, "labels": [1] * 9},
+        {"input_ids": [1] * 12, "labels": [1] * 12, "position_ids": [*range(6), *range(6)]},
+    ]
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    message = "1 samples have a sequence longer than the model's 8 positions (the first at line 2)"
+    with pytest.raises(UserError, match=re.escape(f"--data-path {path}: {message}: drop them with --drop-overlong")):
+        load_tokenized(path, 100, max_positions=8)
+    data = load_tokenized(path, 100, max_positions=8, drop_overlong=True)
+    assert data.source_lines.tolist() == [1, 3] and f"dropped {message}" in capsys.readouterr().out
+    with pytest.raises(UserError, match="all 3 samples have a sequence longer"):
+        load_tokenized(path, 100, max_positions=4, drop_overlong=True)
+
+
 def test_load_drops_samples_without_targets(tmp_path, capsys):
     rows = [
         {"input_ids": [1, 2, 3], "labels": [-100, -100, -100]},

@@ -259,6 +259,8 @@ def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
         ("conflicting_lengths", "--max-steps and --max-epochs conflict"),
         ("missing_model", "--model-name-or-path"),
         ("misspelt_local_model", "runs/nope: no such folder"),
+        ("output_dir_is_a_file", "is a file, not a folder"),
+        ("unusable_scheduler", "--lr-scheduler reduce_lr_on_plateau: steps only with a metric"),
         ("not_a_model", "not a loadable model"),
         ("not_tokenized", "not a tokenized sample"),
         ("nothing_fits", "fits --max-tokens-per-gpu"),
@@ -278,6 +280,10 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
     elif case == "not_a_model":
         (tmp_path / "empty").mkdir()
         args["model"] = tmp_path / "empty"
+    elif case == "output_dir_is_a_file":
+        (tmp_path / "o").write_text("not a folder")
+    elif case == "unusable_scheduler":
+        args["extra"] = ["--lr-scheduler", "reduce_lr_on_plateau"]
     elif case == "not_tokenized":
         args["data"] = tiny_model.write_jsonl(tmp_path / "m.jsonl", tiny_model.make_conversations(3))
     elif case == "nothing_fits":
@@ -303,3 +309,5 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr
     assert lines[-1].startswith("error: ") and expected in lines[-1], r.stderr
+    if case != "output_dir_is_a_file":
+        assert not (tmp_path / "o").exists(), "a failed run leaves no output folder"
