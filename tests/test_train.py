@@ -264,9 +264,15 @@ def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
         ("not_a_model", "not a loadable model"),
         ("not_tokenized", "not a tokenized sample"),
         ("nothing_fits", "fits --max-tokens-per-gpu"),
+        ("id_outside_vocabulary", ":2: field 'input_ids': 99999 at index 1 is outside [0, 4000)"),
+        ("float_label", ":1: field 'labels' must be a list of integers, got 2.5 at index 1"),
     ],
 )
-def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
+def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected, monkeypatch, capfd):
+    """Each through train.py's own main, in-process: exit code 2, exactly one stderr line `error: ...`, no
+    traceback, no output folder left behind, the data file untouched."""
+    import train
+
     args = dict(model=qwen_dir, data=data_path, bs=4, cap=4096, extra=[])
     if case == "batch_size_0":
         args["bs"] = 0
@@ -288,26 +294,21 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected):
         args["data"] = tiny_model.write_jsonl(tmp_path / "m.jsonl", tiny_model.make_conversations(3))
     elif case == "nothing_fits":
         args["cap"] = 3
-    r = run_script(
-        ROOT / "train.py",
-        "--model-name-or-path",
-        args["model"],
-        "--data-path",
-        args["data"],
-        "--output-dir",
-        tmp_path / "o",
-        "--batch-size",
-        args["bs"],
-        "--max-tokens-per-gpu",
-        args["cap"],
-        "--max-steps",
-        1,
-        *args["extra"],
-        cwd=tmp_path,
-    )
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert "Traceback" not in r.stderr
-    assert lines[-1].startswith("error: ") and expected in lines[-1], r.stderr
+    elif case == "id_outside_vocabulary":
+        rows = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [1, 99999], "labels": [1, 2]}]
+        args["data"] = tiny_model.write_jsonl(tmp_path / "d.jsonl", rows)
+    elif case == "float_label":
+        args["data"] = tiny_model.write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [1, 2], "labels": [1, 2.5]}])
+    data_before = open(args["data"], "rb").read()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model-name-or-path", args["model"], "--data-path", args["data"], "--output-dir", tmp_path / "o"]
+    argv += ["--batch-size", args["bs"], "--max-tokens-per-gpu", args["cap"], "--max-steps", 1, *args["extra"]]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(a) for a in argv])
+    stderr = capfd.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert open(args["data"], "rb").read() == data_before
     if case != "output_dir_is_a_file":
         assert not (tmp_path / "o").exists(), "a failed run leaves no output folder"
