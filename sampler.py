@@ -505,3 +505,9 @@ class Prefetcher:
     def close(self):
         self._stop = True
         self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

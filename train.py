@@ -246,7 +246,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
     start_step = state.step
     saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity, resumed_at=state.samples_seen)
     metrics = MetricsLog(output_dir, dist.is_main, num_steps)
-    steps = Prefetcher(
+    with Prefetcher(
         data,
         sampler,
         batch_sizes(cfg, len(data), state.step, state.samples_seen),
@@ -254,37 +254,36 @@ def run_training(cfg: TrainConfig, dist, model_config):
         dist.rank,
         dist.world_size,
         model_config.pad_token_id or 0,
-    )
-    step_timer = Timer()
-    for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
-        step = state.step + 1
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for mb in batch.minibatches:
-            loss = forward_loss_sum(model, mb, dist.device)
-            # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
-            (loss * dist.world_size / batch.num_loss_tokens).backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_gradients(model, cfg.max_grad_norm)
-        loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
-        check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
-        lr = take_optimizer_step(optimizer, scheduler)
-        state.advance(batch)
-        metrics.write(
-            step_metrics(
-                step=step,
-                batch=batch,
-                lr=lr,
-                loss=loss,
-                grad_norm=grad_norm,
-                time_per_step=step_timer.elapsed(),
-                state=state,
-                device=dist.device,
+    ) as steps:  # closed on any exit: no thread left running when the process ends
+        step_timer = Timer()
+        for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
+            step = state.step + 1
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+            for mb in batch.minibatches:
+                loss = forward_loss_sum(model, mb, dist.device)
+                # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
+                (loss * dist.world_size / batch.num_loss_tokens).backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_gradients(model, cfg.max_grad_norm)
+            loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
+            check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
+            lr = take_optimizer_step(optimizer, scheduler)
+            state.advance(batch)
+            metrics.write(
+                step_metrics(
+                    step=step,
+                    batch=batch,
+                    lr=lr,
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    time_per_step=step_timer.elapsed(),
+                    state=state,
+                    device=dist.device,
+                )
             )
-        )
-        if saver.maybe_save(model, optimizer, scheduler, state):
-            break  # a preemption signal arrived: saved, now exit cleanly
-        step_timer = Timer()  # after any save: a save is no part of the next step's time
-    steps.close()
+            if saver.maybe_save(model, optimizer, scheduler, state):
+                break  # a preemption signal arrived: saved, now exit cleanly
+            step_timer = Timer()  # after any save: a save is no part of the next step's time
     saver.save_final(model, optimizer, scheduler, state)
     if state.step == start_step:
         log(f"nothing to do: the run already reached step {state.step}")
