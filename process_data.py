@@ -20,7 +20,16 @@ from pathlib import Path
 
 import typer
 
-from utils import UserError, check_can_create, exit_on_user_error, fail, first_line, make_folders, remove_empty_folders
+from utils import (
+    UserError,
+    check_can_create,
+    exit_on_user_error,
+    fail,
+    first_line,
+    make_folders,
+    numbered_lines,
+    remove_empty_folders,
+)
 
 ROLES = {"system", "user", "assistant", "tool", "pretrain"}
 CHUNK_LINES = 256  # lines per work unit: big enough to batch tokenization, small enough to balance processes
@@ -225,10 +234,8 @@ def read_chunks(path: Path):
     """Yield lists of (1-based line number, raw bytes) for non-blank lines."""
     chunk = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in numbered_lines(f):
             raw = raw.rstrip(b"\r\n")
-            if lineno == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
             if not raw.strip():
                 continue
             chunk.append((lineno, raw))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from utils import fail, log
+from utils import fail, log, numbered_lines
 
 IGNORE = -100
 
@@ -128,10 +128,9 @@ def load_tokenized(
         fail(f"--data-path {path}: no such file")
     ids_parts, label_parts, pos_parts, lines = [], [], [], []
     too_long = 0
+    vocab = vocab_size or INT32_LIMIT
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
+        for lineno, raw in numbered_lines(f):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -142,7 +141,6 @@ def load_tokenized(
             if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
                 hint = " (this looks like a messages file: run process_data.py first)" if "messages" in row else ""
                 fail(f"{where}: not a tokenized sample, needs fields 'input_ids' and 'labels'{hint}")
-            vocab = vocab_size or INT32_LIMIT
             ids = _int_array(row["input_ids"], "input_ids", where, raw, vocab)
             labels = _int_array(row["labels"], "labels", where, raw, vocab, allow_ignore=True)
             if len(ids) != len(labels):

@@ -43,6 +43,13 @@ def exit_on_user_error(fn):
     return wrapper
 
 
+def numbered_lines(f):
+    """(1-based line number, raw bytes) of a file opened in binary mode, without the UTF-8 byte-order mark that
+    editors on Windows put at the start of a file."""
+    for lineno, raw in enumerate(f, start=1):
+        yield lineno, raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
+
+
 def check_can_create(folder: Path, what: str):
     """`folder` is, or can be made as, a folder this process may write in; else a one-line error about `what`."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
