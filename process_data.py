@@ -8,14 +8,25 @@ the text from where `render(messages[:i], add_generation_prompt=True)` ends thro
 spans) get `labels = input_ids`; every other token gets -100. A `pretrain` sample is `content + eos`, all
 labelled. Labels stay aligned with `input_ids`; the trainer does the shifting.
 
+Document mode (continual pretraining), `--pretrain-block-size N`: each line's document (`--document-column-name`,
+default `document`) is tokenized and followed by EOS, and that stream is cut into blocks of N tokens, every token
+labelled; the last block keeps its true length (or is dropped with --drop-last-block). With --isolate-documents
+each block also carries `position_ids` restarting at 0 at each document start, so the trainer keeps documents
+apart. Rows have the fields of chat rows: the trainer needs no mode, and both kinds can share one file.
+
 Bad input stops with `IN.jsonl:LINE: what is wrong` and exit code 2, unless --skip-invalid is given, in which
 case the line is skipped and counted. The output is written to a temporary file and renamed at the end, so it is
-either complete or absent.
+either complete or absent. Lines are tokenized in chunks by worker processes and written in input order, with a
+bounded number of chunks in flight: memory stays flat whatever the file's size, and the output is the same
+whatever --num-proc.
 """
 
+import functools
 import json
 import os
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import typer
@@ -32,7 +43,10 @@ from utils import (
 )
 
 ROLES = {"system", "user", "assistant", "tool", "pretrain"}
-CHUNK_LINES = 256  # lines per work unit: big enough to batch tokenization, small enough to balance processes
+# A work unit ends at CHUNK_LINES lines or CHUNK_BYTES bytes: big enough to batch tokenization, small enough to
+# balance processes and to keep the chunks in flight small whatever the lines' size.
+CHUNK_LINES = 256
+CHUNK_BYTES = 1 << 20
 
 
 class InvalidLine(Exception):
@@ -47,8 +61,8 @@ class FatalLine(Exception):
     """A problem no --skip-invalid can work around (e.g. the tokenizer has no chat template)."""
 
 
-def parse_line(raw: bytes) -> list[dict]:
-    """Decode and validate one input line; return its messages or raise InvalidLine."""
+def parse_object(raw: bytes) -> dict:
+    """Decode one input line into a JSON object or raise InvalidLine."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -63,6 +77,11 @@ def parse_line(raw: bytes) -> list[dict]:
         raise InvalidLine("invalid_json", f"invalid JSON: {first_line(e)}") from None
     if not isinstance(obj, dict):
         raise InvalidLine("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_messages(obj: dict) -> list[dict]:
+    """Validate a chat line's object; return its messages or raise InvalidLine."""
     if "messages" not in obj:
         raise InvalidLine("missing_messages", "missing field 'messages'")
     messages = obj["messages"]
@@ -77,16 +96,25 @@ def parse_line(raw: bytes) -> list[dict]:
                 "unknown_role",
                 f"messages[{k}].role: unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})",
             )
-        for field in ("content", "reasoning_content"):
-            if field == "reasoning_content" and field not in message:
+        for key in ("content", "reasoning_content"):
+            if key == "reasoning_content" and key not in message:
                 continue
-            value = message.get(field)
+            value = message.get(key)
             if not isinstance(value, str):
-                got = type(value).__name__ if field in message else "nothing"
-                raise InvalidLine("bad_content", f"messages[{k}].{field} must be a string, got {got}")
+                got = type(value).__name__ if key in message else "nothing"
+                raise InvalidLine("bad_content", f"messages[{k}].{key} must be a string, got {got}")
     if any(m["role"] == "pretrain" for m in messages) and len(messages) != 1:
         raise InvalidLine("pretrain_mixed", "a 'pretrain' message must stand alone in its sample")
     return messages
+
+
+def parse_document(obj: dict, column: str) -> str:
+    """A document line's text (its `column` field) or raise InvalidLine."""
+    if column not in obj:
+        raise InvalidLine("missing_document", f"missing field {column!r}")
+    if not isinstance(obj[column], str):
+        raise InvalidLine("bad_document", f"field {column!r} must be a string, got {type(obj[column]).__name__}")
+    return obj[column]
 
 
 def assistant_spans(tokenizer, messages: list[dict], full_text: str, prefixes: list[str]) -> list[tuple[int, int]]:
@@ -132,7 +160,7 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
     conversations, pretrains = [], []  # (position in chunk, messages)
     for pos, (lineno, raw) in enumerate(chunk):
         try:
-            messages = parse_line(raw)
+            messages = parse_messages(parse_object(raw))
         except InvalidLine as e:
             results[pos] = ("invalid", lineno, e.reason, str(e))
             continue
@@ -201,19 +229,55 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
     return results
 
 
-# Worker processes (forked: they inherit the parent's loaded tokenizer) tokenize chunks.
+def process_documents(tokenizer, chunk: list[tuple[int, bytes]], column: str) -> tuple[list[tuple], object, object]:
+    """Tokenize one chunk of document lines. Returns the lines that give no document, in order (("invalid",
+    lineno, reason, message) or ("drop", reason)); the kept documents' tokens, each document followed by EOS,
+    concatenated (int32); and the length of each, EOS included."""
+    import numpy as np
+
+    skipped, texts = [], []
+    for lineno, raw in chunk:
+        try:
+            texts.append(parse_document(parse_object(raw), column))
+        except InvalidLine as e:
+            skipped.append(("invalid", lineno, e.reason, str(e)))
+    encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    # An empty document would only put a second EOS after the previous one: nothing to learn from.
+    documents = [ids for ids in encoded if ids]
+    skipped += [("drop", "empty_document")] * (len(encoded) - len(documents))
+    eos = [tokenizer.eos_token_id]
+    lengths = np.fromiter((len(ids) + 1 for ids in documents), np.int64, len(documents))
+    tokens = np.fromiter(chain.from_iterable(ids + eos for ids in documents), np.int32, int(lengths.sum()))
+    return skipped, tokens, lengths
+
+
+# Worker processes are forked: they inherit the parent's loaded tokenizer inside the work function.
 _worker = {}
 
 
-def _init_worker(tokenizer, source: str, max_tokens: int | None):
-    _worker.update(tokenizer=tokenizer, source=source, max_tokens=max_tokens)
+def _init_worker(work):
+    _worker["work"] = work
 
 
 def _run_chunk(chunk):
-    try:
-        return process_chunk(_worker["tokenizer"], chunk, _worker["source"], _worker["max_tokens"])
-    except FatalLine as e:
-        return [("fatal", str(e))]
+    return _worker["work"](chunk)
+
+
+def results_in_order(work, chunks, pool, in_flight: int):
+    """work(chunk) for every chunk, in input order, in the pool's processes (or here, without a pool), with at most
+    `in_flight` chunks submitted ahead of the one being written: reading stays a bounded distance ahead of
+    writing. (Pool.imap keeps every result that arrives before the writer takes it: memory would grow with the
+    file whenever writing is the slower side.) A FatalLine raised in a worker is raised here."""
+    if pool is None:
+        yield from map(work, chunks)
+        return
+    pending = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_run_chunk, (chunk,)))
+        if len(pending) == in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def load_tokenizer(model_name_or_path: str):
@@ -232,16 +296,17 @@ def load_tokenizer(model_name_or_path: str):
 
 def read_chunks(path: Path):
     """Yield lists of (1-based line number, raw bytes) for non-blank lines."""
-    chunk = []
+    chunk, size = [], 0
     with open(path, "rb") as f:
         for lineno, raw in numbered_lines(f):
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 continue
             chunk.append((lineno, raw))
-            if len(chunk) == CHUNK_LINES:
+            size += len(raw)
+            if len(chunk) == CHUNK_LINES or size >= CHUNK_BYTES:
                 yield chunk
-                chunk = []
+                chunk, size = [], 0
     if chunk:
         yield chunk
 
@@ -272,26 +337,48 @@ def model_positions(model_name_or_path: str) -> int | None:
         return None
 
 
-def print_summary(source, output, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer, positions):
+def print_summary(source, output, tally, lengths, loss_tokens, example, tokenizer, positions):
     import numpy as np
 
-    print(f"read {counts['read']} samples from {source}, wrote {counts['written']} to {output}")
+    print(f"read {tally.read} samples from {source}, wrote {tally.written} to {output}")
     overlong = sum(1 for n in lengths if positions and n > positions)
     if overlong:
         print(
             f"  warning: {overlong} samples are longer than the model's {positions} positions: train.py stops on them"
             f" unless --drop-overlong-samples (or drop them here with --max-sample-num-tokens {positions})"
         )
-    for reason, n in sorted(dropped.items()):
-        print(f"  dropped {n} ({reason})")
-    for reason, n in sorted(invalid.items()):
-        print(f"  skipped {n} invalid ({reason})")
+    tally.print_skipped()
     lengths = np.asarray(lengths)
     print(f"tokens: {int(lengths.sum())} total, {loss_tokens} loss-counted ({loss_tokens / max(1, lengths.sum()):.1%})")
     p = np.percentile(lengths, [50, 90, 99]).astype(int)
     print(f"length: min {lengths.min()}, p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {lengths.max()}")
     print("example (masked tokens in «», the rest is trained on):")
     print(mark_masked(tokenizer, *example))
+
+
+def print_block_summary(source, output, tally, blocks, tokenizer, isolate: bool, drop_last: bool):
+    print(
+        f"read {tally.read} documents from {source}, wrote {tally.written} blocks of {blocks.size} tokens to {output}"
+    )
+    tally.print_skipped()
+    print(
+        f"tokens: {blocks.document_tokens} in {blocks.documents} documents (each followed by EOS), {blocks.tokens} "
+        f"written, {blocks.loss_tokens} loss-counted ({blocks.loss_tokens / max(1, blocks.tokens):.1%})"
+    )
+    if blocks.last == 0:
+        print("last block: full (the documents filled whole blocks)")
+    elif drop_last:
+        print(f"last block: {blocks.last} tokens, dropped (--drop-last-block)")
+    elif not blocks.last_written:
+        print(f"last block: {blocks.last} tokens, dropped (no token to predict)")
+    else:
+        print(f"last block: {blocks.last} tokens, kept at its true length (--drop-last-block drops it)")
+    if isolate:
+        print("documents: kept apart (position_ids restart at each document start)")
+    else:
+        print("documents: one stream, attention crosses document boundaries inside a block (--isolate-documents)")
+    print("example (block 1, decoded; every token is trained on):")
+    print(tokenizer.decode(blocks.example))
 
 
 def remove_stale_temp_files(output_file: Path):
@@ -327,9 +414,170 @@ def check_paths(input_file: Path, output_file: Path):
     check_can_create(output_file.parent, f"--output-file {output_file}")
 
 
+def check_document_flags(block_size, column, isolate, drop_last, max_tokens, model_name_or_path):
+    """Document mode's flags make sense together, and a block fits the model's positions."""
+    if block_size is None:
+        for flag, given in [("--document-column-name", column is not None), ("--isolate-documents", isolate)]:
+            if given:
+                fail(f"{flag} needs --pretrain-block-size")
+        if drop_last:
+            fail("--drop-last-block needs --pretrain-block-size")
+        return
+    if block_size < 2:
+        fail(f"--pretrain-block-size must be >= 2 (a block's first token is never a target), got {block_size}")
+    if max_tokens is not None:
+        fail("--max-sample-num-tokens does not apply to blocks: they have at most --pretrain-block-size tokens")
+    positions = model_positions(model_name_or_path)
+    if positions is not None and block_size > positions:
+        fail(
+            f"--pretrain-block-size {block_size}: more than the model's {positions} positions "
+            f"(max_position_embeddings in {Path(model_name_or_path) / 'config.json'})"
+        )
+
+
+@dataclass
+class Tally:
+    """Lines read, rows written, and the lines that gave no row, per reason."""
+
+    read: int = 0
+    written: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    invalid: Counter = field(default_factory=Counter)
+
+    def skip(self, outcome: tuple, source: str, skip_invalid: bool):
+        """A line that gives no row: ("invalid", lineno, reason, message) stops the run unless --skip-invalid;
+        ("drop", reason) is counted."""
+        if outcome[0] == "invalid":
+            _, lineno, reason, message = outcome
+            if not skip_invalid:
+                fail(f"{source}:{lineno}: {message}")
+            self.invalid[reason] += 1
+        else:
+            self.dropped[outcome[1]] += 1
+
+    def check_written(self, source: str, lines: str, rows: str):
+        if self.read == 0:
+            fail(f"{source}:1: empty file (no {lines})")
+        if self.written == 0:
+            reasons = ", ".join(f"{n} {r}" for r, n in (self.dropped + self.invalid).items())
+            fail(f"{source}: no {rows} left to write ({reasons})")
+
+    def print_skipped(self):
+        for reason, n in sorted(self.dropped.items()):
+            print(f"  dropped {n} ({reason})")
+        for reason, n in sorted(self.invalid.items()):
+            print(f"  skipped {n} invalid ({reason})")
+
+
+def write_samples(results, out, tally: Tally, source: str, skip_invalid: bool):
+    """Write the chat (and pretrain-message) samples; returns their lengths, loss-counted tokens and the first one."""
+    lengths, loss_tokens, example = [], 0, None
+    for chunk_results in results:
+        for result in chunk_results:
+            tally.read += 1
+            if result[0] != "ok":
+                tally.skip(result, source, skip_invalid)
+                continue
+            _, line, length, num_loss = result
+            out.write(line + "\n")
+            tally.written += 1
+            lengths.append(length)
+            loss_tokens += num_loss
+            if example is None:
+                row = json.loads(line)
+                example = (row["input_ids"], row["labels"])
+    return lengths, loss_tokens, example
+
+
+@dataclass
+class Blocks:
+    """What document mode wrote, for the summary."""
+
+    size: int
+    documents: int = 0
+    document_tokens: int = 0  # EOS included
+    tokens: int = 0  # in the written blocks
+    loss_tokens: int = 0
+    last: int = 0  # tokens left for a final partial block (0: the documents filled whole blocks)
+    last_written: bool = False
+    example: list[int] | None = None
+
+
+def positions_in_documents(lengths):
+    """Each token's position within its document, for documents of these lengths laid end to end."""
+    import numpy as np
+
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+
+
+def block_line(ids, doc_positions, isolate: bool) -> tuple[str, int]:
+    """One block as a tokenized row, and its loss-counted tokens (every token is labelled; each sequence's first
+    token is no target)."""
+    import numpy as np
+
+    text = json.dumps(ids.tolist(), separators=(",", ":"))
+    fields = [f'"input_ids":{text}', f'"labels":{text}']  # labels are the ids: serialized once
+    num_loss = len(ids) - 1
+    if isolate:
+        # A document continued from the previous block counts from 0 again: the block is a fresh context (the
+        # model sees nothing before it), as in the plain concatenated stream, and no position passes the block size
+        # (a long document's continued count would pass the model's positions, which train.py refuses).
+        positions = np.minimum(doc_positions, np.arange(len(ids)))
+        num_loss = int(np.count_nonzero(positions[1:]))
+        fields.append(f'"position_ids":{json.dumps(positions.tolist(), separators=(",", ":"))}')
+    fields += [f'"len":{len(ids)}', f'"num_loss_counted_tokens":{num_loss}']
+    return "{" + ",".join(fields) + "}", num_loss
+
+
+def write_blocks(results, out, tally: Tally, source: str, skip_invalid: bool, size: int, isolate: bool, drop_last):
+    """Cut the stream of documents (each followed by EOS) into blocks of `size` tokens, in input order. Only the
+    tokens of one partial block are carried from chunk to chunk."""
+    import numpy as np
+
+    blocks = Blocks(size)
+    carry, carry_positions = np.zeros(0, np.int32), np.zeros(0, np.int64)
+
+    def write(ids, doc_positions) -> bool:
+        line, num_loss = block_line(ids, doc_positions, isolate)
+        if num_loss == 0:  # e.g. a last block of one token: nothing to predict (the trainer would drop it)
+            tally.dropped["no_loss_tokens"] += 1
+            return False
+        out.write(line + "\n")
+        tally.written += 1
+        blocks.tokens += len(ids)
+        blocks.loss_tokens += num_loss
+        if blocks.example is None:
+            blocks.example = ids.tolist()
+        return True
+
+    for skipped, tokens, lengths in results:
+        tally.read += len(skipped) + len(lengths)
+        for outcome in skipped:
+            tally.skip(outcome, source, skip_invalid)
+        blocks.documents += len(lengths)
+        blocks.document_tokens += len(tokens)
+        stream = np.concatenate([carry, tokens])
+        doc_positions = np.concatenate([carry_positions, positions_in_documents(lengths)])
+        full = len(stream) - len(stream) % size
+        for start in range(0, full, size):
+            write(stream[start : start + size], doc_positions[start : start + size])
+        carry, carry_positions = stream[full:], doc_positions[full:]
+    blocks.last = len(carry)
+    if blocks.last and drop_last:
+        tally.dropped["partial_last_block"] += 1
+    elif blocks.last:
+        blocks.last_written = write(carry, carry_positions)
+    return blocks
+
+
 @exit_on_user_error
 def main(
-    input_file: Path = typer.Option(..., help="Messages JSONL: one {'messages': [{'role', 'content'}, ...]} per line."),
+    input_file: Path = typer.Option(
+        ...,
+        help="Messages JSONL: one {'messages': [{'role', 'content'}, ...]} per line; with --pretrain-block-size, "
+        "one {'document': text} per line.",
+    ),
     output_file: Path = typer.Option(
         ...,
         help="Tokenized JSONL to write (input_ids, labels, len, num_loss_counted_tokens), in input order, atomically.",
@@ -344,6 +592,23 @@ def main(
     skip_invalid: bool = typer.Option(
         False, "--skip-invalid", help="Skip bad lines (counted per reason) instead of stopping at the first one."
     ),
+    pretrain_block_size: int | None = typer.Option(
+        None,
+        help="Document mode: tokenize each line's document, follow it with EOS, and cut the stream into blocks of "
+        "this many tokens, every token trained on.",
+    ),
+    document_column_name: str | None = typer.Option(
+        None, help="Document mode: the field holding each line's text. Default: document."
+    ),
+    isolate_documents: bool = typer.Option(
+        False,
+        "--isolate-documents",
+        help="Document mode: write position_ids restarting at each document start, so attention stays within "
+        "documents and no document's first token is predicted from the one before.",
+    ),
+    drop_last_block: bool = typer.Option(
+        False, "--drop-last-block", help="Document mode: drop the final partial block (kept at its true length)."
+    ),
 ):
     """Tokenize chat data with exact assistant-only labels (or pretrain data with every token labelled)."""
     import multiprocessing as mp
@@ -352,54 +617,44 @@ def main(
     check_paths(input_file, output_file)
     if max_sample_num_tokens is not None and max_sample_num_tokens < 1:
         fail(f"--max-sample-num-tokens must be >= 1, got {max_sample_num_tokens}")
+    check_document_flags(
+        pretrain_block_size,
+        document_column_name,
+        isolate_documents,
+        drop_last_block,
+        max_sample_num_tokens,
+        model_name_or_path,
+    )
     num_proc = num_proc or len(os.sched_getaffinity(0))
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not from rayon
     tokenizer = load_tokenizer(model_name_or_path)
+    if pretrain_block_size is None:
+        work = functools.partial(process_chunk, tokenizer, source=source, max_tokens=max_sample_num_tokens)
+    else:
+        work = functools.partial(process_documents, tokenizer, column=document_column_name or "document")
 
     created = make_folders(output_file.parent)  # removed again if this run fails
     remove_stale_temp_files(output_file)
     tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
-    counts, dropped, invalid = Counter(), Counter(), Counter()
-    lengths, loss_tokens, example = [], 0, None
+    tally = Tally()
     pool = None
     try:
-        chunks = read_chunks(input_file)
         if num_proc > 1:
-            pool = mp.get_context("fork").Pool(num_proc, _init_worker, (tokenizer, source, max_sample_num_tokens))
-            results = pool.imap(_run_chunk, chunks)
-        else:
-            results = (process_chunk(tokenizer, c, source, max_sample_num_tokens) for c in chunks)
+            pool = mp.get_context("fork").Pool(num_proc, _init_worker, (work,))
+        # Two chunks per process in flight: each has the next one queued while the writer takes a result.
+        results = results_in_order(work, read_chunks(input_file), pool, 2 * num_proc)
         with open(tmp, "w") as out:
-            for chunk_results in results:
-                for result in chunk_results:
-                    kind = result[0]
-                    if kind == "fatal":
-                        fail(result[1])
-                    counts["read"] += 1
-                    if kind == "invalid":
-                        _, lineno, reason, message = result
-                        if not skip_invalid:
-                            fail(f"{source}:{lineno}: {message}")
-                        invalid[reason] += 1
-                    elif kind == "drop":
-                        dropped[result[1]] += 1
-                    else:
-                        _, line, length, num_loss = result
-                        out.write(line + "\n")
-                        counts["written"] += 1
-                        lengths.append(length)
-                        loss_tokens += num_loss
-                        if example is None:
-                            row = json.loads(line)
-                            example = (row["input_ids"], row["labels"])
-        if counts["read"] == 0:
-            fail(f"{source}:1: empty file (no samples)")
-        if counts["written"] == 0:
-            reasons = ", ".join(f"{n} {r}" for r, n in (dropped + invalid).items())
-            fail(f"{source}: no sample left to write ({reasons})")
+            if pretrain_block_size is None:
+                samples = write_samples(results, out, tally, source, skip_invalid)
+                tally.check_written(source, "samples", "sample")
+            else:
+                blocks = write_blocks(
+                    results, out, tally, source, skip_invalid, pretrain_block_size, isolate_documents, drop_last_block
+                )
+                tally.check_written(source, "documents", "block")
         os.replace(tmp, output_file)
-    except FatalLine as e:  # raised in-process when num_proc == 1
+    except FatalLine as e:  # raised in this process or, through the pool, in a worker
         raise UserError(str(e)) from None
     except OSError as e:  # disk full, permissions changed under us...
         raise UserError(f"{e.filename or output_file}: cannot write ({e.strerror or first_line(e)})") from None
@@ -409,8 +664,10 @@ def main(
         tmp.unlink(missing_ok=True)
         if not output_file.exists():
             remove_empty_folders(created)
-    positions = model_positions(model_name_or_path)
-    print_summary(source, output_file, counts, dropped, invalid, lengths, loss_tokens, example, tokenizer, positions)
+    if pretrain_block_size is None:
+        print_summary(source, output_file, tally, *samples, tokenizer, model_positions(model_name_or_path))
+    else:
+        print_block_summary(source, output_file, tally, blocks, tokenizer, isolate_documents, drop_last_block)
 
 
 if __name__ == "__main__":
