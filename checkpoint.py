@@ -1,32 +1,86 @@
-"""Checkpoints: HF-format models anyone can load, and full training state for exact, reshardable resume.
+"""Checkpoints and the output folder: HF-format models anyone can load, full training state for exact,
+reshardable resume, and one run per folder.
 
 Layout, N = samples seen when saved:
 
-    output_dir/full_state/samples_N/   model + optimizer (torch.distributed.checkpoint, sharded, reshardable on
-                                       load), trainer_state.json (counters, sampler position, scheduler, run
-                                       identity), rng_RANK.pt
+    output_dir/full_state/samples_N/   dcp/ (model weights and optimizer tensors, torch.distributed.checkpoint,
+                                       sharded, reshardable on load), trainer_state.json (counters, sampler
+                                       position, run length, the settings a resume must match),
+                                       rng_RANK.safetensors, manifest.json
     output_dir/hf_format/samples_N/    safetensors (sharded when large), config.json (dtype = saved dtype),
-                                       generation_config.json, tokenizer files
+                                       generation_config.json, tokenizer files, manifest.json
+    output_dir/leantrain.lock          the running run's host, pid and SLURM job (held with flock)
 
-Every folder is written under a temporary name that does not match `samples_*` (`.tmp-samples_N`) and renamed
-when complete: the state first, then the HF folder, so a visible HF checkpoint always has its state, and a crash
-at any point leaves earlier checkpoints untouched. Leftover temporary folders are removed at start.
+Trust. Nothing read from a checkpoint can run code: state is JSON and safetensors, DCP's pickled `.metadata` goes
+through an unpickler that knows only DCP's own index classes, and no non-tensor entry is stored in DCP (the
+optimizer's hyperparameters come from the flags, which a resume must repeat). Integrity: `manifest.json`
+(size and sha256 of every file, written last) is checked before a checkpoint is used; `--resume` skips damaged
+checkpoints, newest first, saying which and why.
+
+Atomicity. Every folder is written under a temporary name (`.tmp-samples_N`) and renamed when complete: the
+state first, then the HF folder. A crash between the two leaves state N without its HF folder; `--resume`
+rebuilds it from the state, so the final model is never lost. Leftover temporary folders are removed at start.
 """
 
+import contextlib
 import copy
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from utils import any_rank, barrier, fail, log
+from batch_metrics import METRICS_FILE
+from utils import (
+    Timer,
+    UserError,
+    fail,
+    first_line,
+    gather_objects,
+    log,
+    make_folders,
+    remove_empty_folders,
+    stop_if_any,
+)
 
 STATE_DIR, HF_DIR = "full_state", "hf_format"
 NAME = re.compile(r"^samples_(\d+)$")
+MANIFEST, TRAINER_STATE, PARAMS_FILE, LOCK_FILE = (
+    "manifest.json",
+    "trainer_state.json",
+    "training_params.json",
+    "leantrain.lock",
+)
+FORMAT = 2  # trainer_state.json's format: checkpoints of another format are not resumed
+# A folder holding any of these holds a run. --overwrite deletes exactly these (trackers' folders included).
+RUN_OUTPUTS = (PARAMS_FILE, METRICS_FILE, STATE_DIR, HF_DIR)
+TRACKER_DIRS = ("wandb", "tensorboard")
+# Flags a resumed run must repeat exactly (the model and the data are compared by fingerprint as well). Everything
+# else (tokens per GPU, world size, compute dtype, attention, compile, checkpoint cadence) may change on resume.
+MUST_MATCH = (
+    "batch_size",
+    "seed",
+    "learning_rate",
+    "lr_scheduler",
+    "num_warmup_steps",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "max_grad_norm",
+    "train_dtype",
+)
+
+
+class Damaged(Exception):
+    """A checkpoint file is missing, truncated, altered or not what leantrain writes."""
 
 
 @dataclass
@@ -63,12 +117,209 @@ def run_identity(model_config, data) -> dict:
     return {"model": model_hash, "data": data.fingerprint(), "num_samples": len(data)}
 
 
+def resume_settings(cfg, identity: dict) -> dict:
+    return {"model": identity["model"], "data": identity["data"]} | {name: getattr(cfg, name) for name in MUST_MATCH}
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Finding checkpoints
+# Integrity: manifest.json
+
+
+def sha256_of(path: Path) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def hash_files(folder: Path, relpaths) -> dict:
+    return {rel: sha256_of(folder / rel) for rel in relpaths}
+
+
+def write_manifest(folder: Path, hashes: dict):
+    """Hash what no rank claimed (rank 0 is the fallback), then write manifest.json: the folder's last file."""
+    every = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    hashes = hashes | hash_files(folder, [rel for rel in every if rel not in hashes])
+    (folder / MANIFEST).write_text(json.dumps({"files": dict(sorted(hashes.items()))}, indent=1) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    """manifest.json's {relpath: {size, sha256}}, shape-checked: any path inside the folder, nothing else."""
+    path = folder / MANIFEST
+    try:
+        files = json.loads(path.read_bytes())["files"]
+    except FileNotFoundError:
+        raise Damaged(f"{path}: missing (not a complete leantrain checkpoint)") from None
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
+        raise Damaged(f"{path}: unreadable ({first_line(e)})") from None
+    if not isinstance(files, dict):
+        raise Damaged(f"{path}: 'files' is not an object")
+    for rel, entry in files.items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts or rel == MANIFEST:
+            raise Damaged(f"{path}: file name {rel!r} points outside the checkpoint")
+        if not (
+            isinstance(entry, dict)
+            and type(entry.get("size")) is int
+            and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+        ):
+            raise Damaged(f"{path}: bad entry for {rel!r}")
+    return files
+
+
+def check_files(folder: Path, files: dict, dist):
+    """Every rank hashes its share of the manifest's files; any mismatch on any rank marks the folder damaged."""
+    problem = None
+    for rel in sorted(files)[dist.rank :: dist.world_size]:
+        try:
+            got = sha256_of(folder / rel)
+        except OSError as e:
+            problem = f"{folder / rel}: {e.strerror or first_line(e)}"
+            break
+        if got != files[rel]:
+            what = "size" if got["size"] != files[rel]["size"] else "content"
+            problem = f"{folder / rel}: {what} differs from the manifest (truncated or altered)"
+            break
+    problem = next((p for p in gather_objects(problem) if p is not None), None)
+    if problem is not None:
+        raise Damaged(problem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a checkpoint without running anything it contains
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {
+    (_DCP_META, "Metadata"),
+    (_DCP_META, "MetadataIndex"),
+    (_DCP_META, "StorageMeta"),
+    (_DCP_META, "TensorProperties"),
+    (_DCP_META, "TensorStorageMetadata"),
+    (_DCP_META, "ChunkStorageMetadata"),
+    (_DCP_META, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` knowing only DCP's index dataclasses, torch.Size, dtypes and paths: a forged
+    file cannot name os.system or any other callable."""
+
+    def find_class(self, module, name):
+        import torch
+
+        if (module, name) in _SAFE_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def read_dcp_index(folder: Path, files: dict):
+    """DCP's index of the tensors in folder/dcp, checked: tensors only, stored in files the manifest lists."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+    path = folder / "dcp" / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except Exception as e:  # any failure to unpickle means damaged or forged, whatever exception it raises
+        raise Damaged(f"{path}: not a checkpoint index ({first_line(e)})") from None
+    if not isinstance(index, Metadata) or not isinstance(index.storage_data, dict):
+        raise Damaged(f"{path}: not a checkpoint index")
+    for key, entry in index.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise Damaged(f"{path}: entry {key!r} is not a tensor (leantrain stores tensors only)")
+    for info in index.storage_data.values():
+        if not (
+            isinstance(info, _StorageInfo)
+            and isinstance(info.relative_path, str)
+            and f"dcp/{info.relative_path}" in files
+            and not info.transform_descriptors
+        ):
+            raise Damaged(f"{path}: refers to a file outside the manifest")
+    if getattr(index, "storage_meta", None) is None:
+        index.storage_meta = StorageMeta()
+    return index
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with the restricted index unpickler (tensors themselves load with weights_only)."""
+
+        def __init__(self, path, files):
+            super().__init__(path)
+            self.files = files
+
+        def read_metadata(self, *args, **kwargs):
+            index = read_dcp_index(Path(self.path).parent, self.files)
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeReader
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def read_trainer_state(folder: Path) -> dict:
+    path = folder / TRAINER_STATE
+    try:
+        meta = json.loads(path.read_bytes())
+        if meta["format"] != FORMAT:
+            raise Damaged(f"{path}: format {meta['format']!r}, expected {FORMAT} (saved by another leantrain version)")
+        state, sampler = meta["state"], meta["state"]["sampler"]
+        valid = (
+            all(_is_count(state[k]) for k in ("step", "samples_seen", "tokens_seen"))
+            and all(_is_count(sampler[k]) for k in ("epoch", "offset", "seed", "num_samples"))
+            and (meta["num_steps"] is None or _is_count(meta["num_steps"]))
+            and _is_count(meta["world_size"])
+            and isinstance(meta["settings"], dict)
+        )
+    except (OSError, ValueError, RecursionError) as e:
+        raise Damaged(f"{path}: unreadable ({first_line(e)})") from None
+    except (KeyError, TypeError) as e:
+        raise Damaged(f"{path}: missing or malformed field ({first_line(e)})") from None
+    if not valid:
+        raise Damaged(f"{path}: a counter or setting has the wrong type")
+    return meta
+
+
+def verify(folder: Path, kind: str, dist) -> dict | None:
+    """Check a checkpoint folder before use; returns its trainer state (STATE_DIR) or raises Damaged."""
+    if not folder.is_dir():
+        raise Damaged(f"{folder}: missing")
+    files = read_manifest(folder)
+    required = [TRAINER_STATE, "dcp/.metadata"] if kind == STATE_DIR else ["config.json"]
+    for rel in required:
+        if rel not in files:
+            raise Damaged(f"{folder / rel}: not in the manifest")
+    check_files(folder, files, dist)
+    if kind == HF_DIR:
+        return None
+    meta = read_trainer_state(folder)
+    read_dcp_index(folder, files)
+    meta["files"] = files
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and loading checkpoints
 
 
 def checkpoints(output_dir: Path, kind: str) -> list[tuple[int, Path]]:
-    """Complete checkpoints of one kind (STATE_DIR or HF_DIR), oldest first."""
+    """Published checkpoints of one kind (STATE_DIR or HF_DIR), oldest first."""
     root = Path(output_dir) / kind
     found = [(int(m.group(1)), p) for p in root.glob("samples_*") if (m := NAME.match(p.name)) and p.is_dir()]
     return sorted(found)
@@ -88,48 +339,90 @@ def remove_partial_saves(output_dir: Path):
             shutil.rmtree(tmp)
 
 
-def find_resume_path(cfg, output_dir: Path) -> Path | None:
+def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its trainer state: --resume-from as given (refused if damaged), or with
+    --resume the newest intact one in output_dir (damaged ones are reported and skipped, never all of them)."""
     if cfg.resume_from:
         path = Path(cfg.resume_from)
-        if not (path / "trainer_state.json").is_file():
-            fail(
-                f"--resume-from {path}: not a complete training state (expected {STATE_DIR}/samples_N with "
-                "trainer_state.json)"
-            )
-        return path
-    if cfg.resume:
-        found = checkpoints(output_dir, STATE_DIR)
-        if found:
-            return found[-1][1]
+        try:
+            return path, verify(path, STATE_DIR, dist)
+        except Damaged as e:
+            fail(f"--resume-from {path}: damaged or not a complete training state: {e}")
+    if not cfg.resume:
+        return None
+    found = checkpoints(output_dir, STATE_DIR)
+    if not found:
         log(f"--resume: no checkpoint in {output_dir / STATE_DIR}, starting from scratch")
-    return None
+        return None
+    for _, path in reversed(found):
+        try:
+            return path, verify(path, STATE_DIR, dist)
+        except Damaged as e:
+            log(f"warning: skipping damaged checkpoint {path}: {e}")
+    fail(
+        f"--resume: every checkpoint in {output_dir / STATE_DIR} is damaged (see above); not starting from scratch "
+        "over them: use --overwrite to start over, or --resume-from an intact copy"
+    )
 
 
-def load(path: Path, model, optimizer, scheduler, sampler, identity: dict, dist) -> TrainState:
-    """Restore model, optimizer, scheduler, sampler and counters; DCP reshards to the current world size."""
+def check_resumable(path: Path, meta: dict, settings: dict, num_steps: int | None):
+    """The run must repeat the checkpoint's settings (one line lists every difference); its length may grow."""
+    saved = meta["settings"]
+    diffs = []
+    for name, now in settings.items():
+        if saved.get(name) == now:
+            continue
+        if name == "model":
+            diffs.append(
+                f"--model-name-or-path is another model architecture (fingerprint {now}, checkpoint {saved.get(name)})"
+            )
+        elif name == "data":
+            diffs.append(f"--data-path holds other data (fingerprint {now}, checkpoint {saved.get(name)})")
+        else:
+            diffs.append(f"--{name.replace('_', '-')} {now} (checkpoint: {saved.get(name)})")
+    if diffs:
+        fail(
+            f"cannot resume from {path}: "
+            + "; ".join(diffs)
+            + "; repeat the checkpoint's settings or use another --output-dir"
+        )
+    step = meta["state"]["step"]
+    if num_steps is not None and num_steps < step:
+        fail(f"cannot resume from {path}: the run length ({num_steps} steps) is below the checkpoint's step {step}")
+
+
+def load(path: Path, meta: dict, model, optimizer, sampler, dist) -> TrainState:
+    """Restore model, optimizer tensors, sampler and counters; DCP reshards to the current world size. The
+    optimizer's hyperparameters and the schedule come from the flags (checked equal to the checkpoint's)."""
     import torch
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = json.loads((path / "trainer_state.json").read_text())
-    saved = meta["identity"]
-    for key, what in (("model", "another model architecture"), ("data", "other data")):
-        if saved[key] != identity[key]:
-            fail(
-                f"cannot resume from {path}: it was saved by a run on {what} (its {key} fingerprint "
-                f"{saved[key]} != {identity[key]}); use another --output-dir or the original --{key}-"
-                f"{'name-or-path' if key == 'model' else 'path'}"
-            )
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(meta["scheduler"])
+    state = {"model": model_sd, "optim": optim_sd["state"]}
+    try:
+        dcp.load(state, storage_reader=_safe_reader_class()(path / "dcp", meta["files"]))
+    except CheckpointException as e:
+        fail(f"cannot load {path / 'dcp'}: {describe_error(e)}")
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]},
+    )
     train_state = TrainState(**meta["state"])
-    sampler.load_state_dict(train_state.sampler)
-    rng_file = path / f"rng_{dist.rank}.pt"
-    if rng_file.is_file() and meta["world_size"] == dist.world_size:
-        torch.set_rng_state(torch.load(rng_file, weights_only=False)["torch"])
+    try:
+        sampler.load_state_dict(train_state.sampler)
+    except ValueError as e:
+        fail(f"cannot resume from {path}: {e}")
+    rng_file = f"rng_{dist.rank}.safetensors"
+    if rng_file in meta["files"] and meta["world_size"] == dist.world_size:
+        try:
+            torch.set_rng_state(load_file(path / rng_file)["torch"])
+        except Exception as e:  # a forged-but-hashed file: refuse it in one line
+            fail(f"{path / rng_file}: not a saved random state ({first_line(e)})")
     return train_state
 
 
@@ -155,15 +448,38 @@ def fresh_dir(path: Path):
     path.mkdir(parents=True)
 
 
-def save_hf(lm, model_config, save_dtype: str, tokenizer, generation_config, out: Path, dist):
-    """Gather full weights to rank 0's CPU (one tensor at a time, offloaded) and write a from_pretrained folder."""
+def root_cause(e: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (which keeps one (exception, traceback) per failed rank)."""
+    for failure in getattr(e, "failures", {}).values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return e
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a failed read or write, e.g. `No space left on device (path)`."""
+    cause = root_cause(e)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror + (f" ({cause.filename})" if cause.filename else "")
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+def agreed(fn, *args):
+    """Run one phase of a save on every rank; if writing failed on any rank, every rank stops with one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error, result = None, None
+    try:
+        result = fn(*args)
+    except (OSError, CheckpointException) as e:
+        error = describe_error(e)
+    stop_if_any(error)
+    return result
+
+
+def write_hf_files(full: dict, model_config, save_dtype: str, tokenizer, generation_config, out: Path):
     import torch
     from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.is_main:
-        return
     dtype = getattr(torch, save_dtype)
     full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
     save_torch_state_dict(full, out, max_shard_size="5GB")
@@ -180,9 +496,9 @@ class Saver:
     """Decides when to save (every --min-samples-per-checkpoint samples, at the end, on SIGTERM/SIGUSR1) and
     writes checkpoints. Decisions are agreed across ranks."""
 
-    def __init__(self, cfg, output_dir: Path, dist, model_config, identity: dict, resumed_at: int = 0):
+    def __init__(self, cfg, output_dir: Path, dist, model_config, settings: dict, num_steps, resumed_at: int = 0):
         self.cfg, self.output_dir, self.dist = cfg, Path(output_dir), dist
-        self.model_config, self.identity = model_config, identity
+        self.model_config, self.settings, self.num_steps = model_config, settings, num_steps
         self.last_saved_samples = resumed_at or None  # a resumed run does not save its starting point again
         self.signal_received = None
         self.tokenizer = self.generation_config = None
@@ -209,62 +525,102 @@ class Saver:
             generation_config = None
         return tokenizer, generation_config
 
-    def maybe_save(self, model, optimizer, scheduler, state: TrainState) -> bool:
+    def maybe_save(self, model, optimizer, state: TrainState) -> bool:
         """Save if due; returns True when a preemption signal asks the run to stop (after saving)."""
+        from utils import any_rank
+
         preempted = any_rank(self.signal_received is not None, self.dist.device)
         every = self.cfg.min_samples_per_checkpoint
         last = self.last_saved_samples or 0
         due = every is not None and state.samples_seen // every > last // every
         if due or preempted:
-            self.save(model, optimizer, scheduler, state)
+            self.save(model, optimizer, state)
         if preempted:
             log("preemption signal received: checkpoint saved, stopping (rerun with --resume to continue)")
         return preempted
 
-    def save_final(self, model, optimizer, scheduler, state: TrainState):
+    def save_final(self, model, optimizer, state: TrainState):
         if self.cfg.save_final_checkpoint and state.step > 0 and self.last_saved_samples != state.samples_seen:
-            self.save(model, optimizer, scheduler, state)
+            self.save(model, optimizer, state)
 
-    def save(self, model, optimizer, scheduler, state: TrainState):
+    def complete_resumed(self, model, path: Path, state: TrainState):
+        """The publish gap: state N without an intact hf_format/samples_N (a crash between the two renames, or a
+        damaged HF folder) gets its HF folder rebuilt from the state just loaded."""
+        if path.parent != self.output_dir / STATE_DIR:
+            return
+        hf = self.output_dir / HF_DIR / path.name
+        try:
+            verify(hf, HF_DIR, self.dist)
+        except Damaged as e:
+            log(f"rebuilding {hf} from the training state ({e})")
+            self._write(HF_DIR, path.name, lambda tmp: self._write_hf(model, tmp))
+
+    def save(self, model, optimizer, state: TrainState):
+        name = f"samples_{state.samples_seen}"
+        timer = Timer()
+        hashing = self._write(STATE_DIR, name, lambda tmp: self._write_state(model, optimizer, state, tmp))
+        hashing += self._write(HF_DIR, name, lambda tmp: self._write_hf(model, tmp))
+        if self.dist.is_main:
+            self.prune()
+        self.last_saved_samples = state.samples_seen
+        log(f"saved checkpoint {self.output_dir / HF_DIR / name} ({timer.elapsed():.1f} s, hashing {hashing:.1f} s)")
+
+    def _write(self, kind: str, name: str, write) -> float:
+        """Write one checkpoint folder under a temporary name, hash it into manifest.json, publish it. A failed
+        write (disk full) stops every rank with one line; the partial folder is removed, earlier ones kept.
+        Returns the seconds spent hashing."""
+        root = self.output_dir / kind
+        tmp = root / f".tmp-{name}"
+        try:
+            agreed(lambda: self.dist.is_main and fresh_dir(tmp))
+            mine = agreed(write, tmp)  # the files this rank wrote
+            timer = Timer()
+            hashes = agreed(hash_files, tmp, mine)
+            seconds = max(gather_objects(timer.elapsed()))
+            everyone = {k: v for h in gather_objects(hashes) for k, v in h.items()}
+            agreed(lambda: self.dist.is_main and (write_manifest(tmp, everyone), publish(tmp, root / name)))
+        except UserError as e:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"saving checkpoint {root / name} failed: {e}; partial files removed, earlier checkpoints kept"
+            ) from None
+        return seconds
+
+    def _write_state(self, model, optimizer, state: TrainState, tmp: Path) -> list[str]:
         import torch
         import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        name = f"samples_{state.samples_seen}"
-        state_root, hf_root = self.output_dir / STATE_DIR, self.output_dir / HF_DIR
-        tmp_state, tmp_hf = state_root / f".tmp-{name}", hf_root / f".tmp-{name}"
-        if self.dist.is_main:
-            fresh_dir(tmp_state)
-            fresh_dir(tmp_hf)
-        barrier()
-
-        # 1. Full training state, published before the HF folder.
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_state / "dcp"))
-        torch.save({"torch": torch.get_rng_state()}, tmp_state / f"rng_{self.dist.rank}.pt")
+        # Tensors only: the optimizer's param_groups (plain numbers) come from the flags on resume.
+        dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp / "dcp"))
+        rank = self.dist.rank
+        save_file({"torch": torch.get_rng_state()}, tmp / f"rng_{rank}.safetensors")
+        mine = [f"dcp/{p.name}" for p in (tmp / "dcp").glob(f"__{rank}_*.distcp")] + [f"rng_{rank}.safetensors"]
         if self.dist.is_main:
             meta = {
+                "format": FORMAT,
                 "state": asdict(state),
-                "scheduler": scheduler.state_dict(),
-                "identity": self.identity,
+                "num_steps": self.num_steps,
+                "settings": self.settings,
                 "world_size": self.dist.world_size,
                 "model_name_or_path": self.cfg.model_name_or_path,
             }
-            (tmp_state / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        barrier()
-        if self.dist.is_main:
-            publish(tmp_state, state_root / name)
+            (tmp / TRAINER_STATE).write_text(json.dumps(meta, indent=2) + "\n")
+            mine += [TRAINER_STATE, "dcp/.metadata"]
+        return mine
 
-        # 2. The HF model.
-        save_hf(
-            model.lm, self.model_config, self.cfg.save_dtype, self.tokenizer, self.generation_config, tmp_hf, self.dist
-        )
-        if self.dist.is_main:
-            publish(tmp_hf, hf_root / name)
-            self.prune()
-        barrier()
-        self.last_saved_samples = state.samples_seen
-        log(f"saved checkpoint {hf_root / name}")
+    def _write_hf(self, model, tmp: Path) -> list[str]:
+        """Gather full weights to rank 0's CPU (one tensor at a time, offloaded) and write a from_pretrained folder."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return []
+        write_hf_files(full, self.model_config, self.cfg.save_dtype, self.tokenizer, self.generation_config, tmp)
+        return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
 
     def prune(self):
         keep = self.cfg.keep_last_checkpoints
@@ -273,3 +629,212 @@ class Saver:
         for kind in (HF_DIR, STATE_DIR):
             for _, path in checkpoints(self.output_dir, kind)[:-keep]:
                 shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_OUTPUTS)
+
+
+def check_output_dir(cfg):
+    """Read-only and up front: a fresh run does not go into a folder that holds another run."""
+    out = Path(cfg.output_dir)
+    if out.is_dir() and holds_a_run(out) and not (cfg.resume or cfg.resume_from or cfg.overwrite):
+        fail(
+            f"--output-dir {out} already holds a run ({', '.join(n for n in RUN_OUTPUTS if (out / n).exists())}): "
+            "add --resume to continue it, --overwrite to replace it, or choose another folder"
+        )
+    if cfg.overwrite and cfg.resume_from and Path(cfg.output_dir).resolve() in Path(cfg.resume_from).resolve().parents:
+        fail("--overwrite would delete the checkpoint --resume-from names: copy it elsewhere first")
+
+
+def lock_holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        job = f", SLURM job {h['slurm_job_id']}" if h.get("slurm_job_id") else ""
+        return f"host {h['host']}, pid {h['pid']}{job}"
+    except (ValueError, TypeError, KeyError):
+        return "an unknown holder"
+
+
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+class OutputDir:
+    """Rank 0's hold on --output-dir: created and locked for the run's life (flock, released by the kernel if the
+    process dies, plus a lock file naming the holder). If the run fails before finishing a step, release()
+    removes what the run created and restores training_params.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = path / LOCK_FILE
+        self.fd = None
+        self.created: list[Path] = []
+        self.params_before: bytes | None = None
+        self.rows_at_launch: int | None = None
+
+    def take(self, cfg):
+        self.created = make_folders(self.path)
+        try:
+            self._lock()
+            check_output_dir(cfg)  # again, now under the lock: a run that started meanwhile is seen
+        except UserError:
+            self.release(failed=True)
+            raise
+        if cfg.overwrite:
+            for name in RUN_OUTPUTS + TRACKER_DIRS:
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        remove_partial_saves(self.path)
+        params = self.path / PARAMS_FILE
+        self.params_before = params.read_bytes() if params.is_file() else None
+
+    def _lock(self):
+        for _ in range(3):  # a holder that removes the file between our open() and flock(): open the new one
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = describe_holder(os.read(fd, 4096).decode(errors="replace"))
+                os.close(fd)
+                fail(
+                    f"--output-dir {self.path} is in use by another run ({holder}); wait for it or choose another folder"
+                )
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                log(f"warning: {self.path}'s filesystem has no flock ({e.strerror}): relying on the lock file alone")
+                self._check_lock_file(fd)
+            if os.path.exists(self.lock_path) and os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                break
+            os.close(fd)
+        else:
+            fail(f"--output-dir {self.path}: could not take {self.lock_path} (another run keeps replacing it)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(lock_holder()) + "\n").encode(), 0)
+        self.fd = fd
+
+    def _check_lock_file(self, fd):
+        text = os.read(fd, 4096).decode(errors="replace")
+        if not text.strip():
+            return
+        try:
+            holder = json.loads(text)
+            stale = holder["host"] == socket.gethostname() and not pid_alive(holder["pid"])
+        except (ValueError, TypeError, KeyError):
+            stale = False
+        if not stale:
+            os.close(fd)
+            fail(
+                f"--output-dir {self.path} may be in use by another run ({describe_holder(text)}; without flock "
+                f"leantrain cannot tell): if that run is gone, delete {self.lock_path}"
+            )
+
+    def record_launch(self, params: dict, resumed_step: int):
+        """Write training_params.json (this launch, flat, plus earlier launches oldest first) and drop metrics
+        rows past the resumed step (steps a crashed run did after its last checkpoint, replayed now)."""
+        launches = []
+        if self.params_before is not None:  # only a resumed run finds one (a fresh run refused, --overwrite deleted it)
+            try:
+                earlier = json.loads(self.params_before)
+                launches = [*earlier.pop("launches", []), earlier]
+            except (ValueError, AttributeError, TypeError):
+                log(f"note: {self.path / PARAMS_FILE} was unreadable; earlier launches are not listed")
+        write_atomically(self.path / PARAMS_FILE, json.dumps(params | {"launches": launches}, indent=2) + "\n")
+        self.rows_at_launch = trim_metrics(self.path / METRICS_FILE, resumed_step)
+
+    def release(self, failed: bool):
+        """Remove the lock; after a failure before any finished step, also undo what this run created."""
+        metrics = self.path / METRICS_FILE
+        if failed and (self.rows_at_launch is None or count_lines(metrics) == self.rows_at_launch):
+            params = self.path / PARAMS_FILE
+            if self.params_before is not None:
+                params.write_bytes(self.params_before)
+            elif params.exists():
+                params.unlink()
+            if metrics.exists() and metrics.stat().st_size == 0:
+                metrics.unlink()
+            for name in (STATE_DIR, HF_DIR):
+                with contextlib.suppress(OSError):
+                    (self.path / name).rmdir()
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_path)
+            os.close(self.fd)
+            self.fd = None
+        if failed:
+            remove_empty_folders(self.created)
+
+
+@contextlib.contextmanager
+def claimed_output_dir(cfg, dist):
+    """Create and lock --output-dir on rank 0 (every rank stops if that fails), and release it at the end."""
+    out = OutputDir(Path(cfg.output_dir))
+    error = None
+    if dist.is_main:
+        try:
+            out.take(cfg)
+        except UserError as e:
+            error = str(e)
+    stop_if_any(error)
+    failed = True
+    try:
+        yield out
+        failed = False
+    finally:
+        if dist.is_main:
+            out.release(failed)
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep only rows of steps <= step (atomically); returns the number of rows kept."""
+    if not path.exists():
+        return 0
+    kept, dropped, unreadable = [], 0, 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        if type(row_step) is int and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped or unreadable:
+        write_atomically(path, "".join(line + "\n" for line in kept))
+        log(
+            f"{path}: removed {dropped} rows past the resumed step {step}"
+            + (f" and {unreadable} unreadable lines (a write cut short)" if unreadable else "")
+        )
+    return len(kept)
+
+
+def write_atomically(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -51,9 +51,9 @@ class TokenizedData:
         return len(self.offsets) - 1
 
     def fingerprint(self) -> str:
-        """Identifies the data a run trained on (resume refuses a state made on other data)."""
+        """Identifies the data a run trained on, every id, label and position (resume refuses other data)."""
         h = hashlib.sha256()
-        for a in (self.lengths, self.num_loss_counted_tokens, self.input_ids[:: max(1, len(self.input_ids) // 4096)]):
+        for a in (self.offsets, self.input_ids, self.labels, self.position_ids):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
 

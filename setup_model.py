@@ -9,6 +9,7 @@ runs, whichever loss is used.
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -495,3 +496,19 @@ def check_scheduler(cfg):
         fail(
             f"--lr-scheduler {cfg.lr_scheduler}: steps only with a metric, which leantrain does not pass ({first_line(e)})"
         )
+
+
+def move_scheduler_to(scheduler, step: int):
+    """Place a schedule at `step` finished steps, as if it had stepped that often. transformers' schedules are
+    LambdaLR: the lr is base_lr x lambda(step), whatever lengths earlier launches had."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        scheduler.step()
+
+
+def lr_at(cfg, total_steps: int | None, step: int) -> float:
+    """The lr a run of `total_steps` uses for the step after `step` (for the resume notice)."""
+    scheduler = build_scheduler(cfg, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate), total_steps)
+    move_scheduler_to(scheduler, step)
+    return scheduler.get_last_lr()[0]

@@ -7,7 +7,6 @@
 """
 
 import inspect
-import json
 import math
 import platform
 import sys
@@ -89,9 +88,15 @@ class TrainConfig:
     keep_last_checkpoints: int | None = option(None, "Keep only the newest K checkpoints.")
     resume: bool = option(
         False,
-        "Resume from the newest complete checkpoint in --output-dir (start fresh, with a notice, if there is none).",
+        "Resume from the newest intact checkpoint in --output-dir (damaged ones are skipped with a notice; start "
+        "fresh, with a notice, if there is none). The settings must equal the checkpoint's; the length may grow.",
     )
     resume_from: str | None = option(None, "Resume from this checkpoint folder (output_dir/full_state/samples_N).")
+    overwrite: bool = option(
+        False,
+        "Start over in an --output-dir that holds a run: delete its training_params.json, metrics, checkpoints and "
+        "tracker folders (nothing else) first.",
+    )
 
     def validate(self):
         """Flag checks that need no model or data: fail before any heavy work."""
@@ -112,6 +117,8 @@ class TrainConfig:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(dtypes)}, got {getattr(self, name)}")
         if self.resume and self.resume_from:
             fail("--resume and --resume-from conflict: give at most one")
+        if self.overwrite and self.resume:
+            fail("--overwrite and --resume conflict: --overwrite deletes the checkpoints --resume would continue")
         if self.loss not in LOSSES:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
 
@@ -136,13 +143,14 @@ def batch_sizes(cfg: TrainConfig, num_samples: int, step: int, samples_seen: int
         step, samples_seen = step + 1, samples_seen + count
 
 
-def write_training_params(cfg: TrainConfig, dist, path: Path):
+def training_params(cfg: TrainConfig, dist) -> dict:
+    """The resolved flags of this launch, with the world size and library versions."""
     import numba
     import numpy
     import torch
     import transformers
 
-    params = asdict(cfg) | {
+    return asdict(cfg) | {
         "world_size": dist.world_size,
         "versions": {
             "python": platform.python_version(),
@@ -152,7 +160,30 @@ def write_training_params(cfg: TrainConfig, dist, path: Path):
             "numpy": numpy.__version__,
         },
     }
-    path.write_text(json.dumps(params, indent=2) + "\n")
+
+
+def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps):
+    """With --resume/--resume-from: the checkpoint's state after checking the settings match; else step 0."""
+    import checkpoint
+    import setup_model
+
+    found = checkpoint.find_resume_state(cfg, saver.output_dir, dist)
+    if found is None:
+        return checkpoint.TrainState()
+    path, meta = found
+    checkpoint.check_resumable(path, meta, saver.settings, num_steps)
+    state = checkpoint.load(path, meta, model, optimizer, sampler, dist)
+    # The lr of step t is the schedule of this launch's length at t (a longer run changes the curve from here on).
+    setup_model.move_scheduler_to(scheduler, state.step)
+    log(f"resumed from {path} at step {state.step} ({state.samples_seen} samples seen)")
+    if meta["num_steps"] != num_steps:
+        old_lr = setup_model.lr_at(cfg, meta["num_steps"], state.step)
+        log(
+            f"the run length changed ({meta['num_steps']} -> {num_steps} steps): step {state.step + 1} uses lr "
+            f"{scheduler.get_last_lr()[0]:.4g} (the checkpoint's schedule: {old_lr:.4g})"
+        )
+    saver.complete_resumed(model, path, state)
+    return state
 
 
 def forward_loss_sum(model, mb, device):
@@ -184,12 +215,14 @@ def take_optimizer_step(optimizer, scheduler) -> float:
 
 def train(cfg: TrainConfig):
     """Check the flags, start the process group, train, stop the process group."""
+    import checkpoint
     import setup_model
     from utils import check_can_create, destroy_distributed, init_distributed
 
     cfg.validate()
     setup_model.check_scheduler(cfg)
     check_can_create(Path(cfg.output_dir), f"--output-dir {cfg.output_dir}")
+    checkpoint.check_output_dir(cfg)
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
     dist = init_distributed()
     try:
@@ -204,9 +237,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
 
     import checkpoint
     import setup_model
-    from batch_metrics import MetricsLog, step_metrics
-    from sampler import GlobalSampler, Prefetcher, load_tokenized
-    from utils import all_reduce_sum
+    from sampler import GlobalSampler, load_tokenized
 
     cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
     cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
@@ -226,26 +257,33 @@ def run_training(cfg: TrainConfig, dist, model_config):
     num_steps = total_steps(cfg, len(data))
     scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
     sampler = GlobalSampler(len(data), cfg.seed)
-    state = checkpoint.TrainState()
-    run_identity = checkpoint.run_identity(model_config, data)
-    output_dir = Path(cfg.output_dir)  # made only now: a run that fails on its data or model leaves nothing behind
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_partial_saves(output_dir)
-    resume_path = checkpoint.find_resume_path(cfg, output_dir)
-    if resume_path is not None:
-        state = checkpoint.load(resume_path, model, optimizer, scheduler, sampler, run_identity, dist)
-        log(f"resumed from {resume_path} at step {state.step} ({state.samples_seen} samples seen)")
-    if dist.is_main:
-        write_training_params(cfg, dist, output_dir / "training_params.json")
+    settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
         f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
     )
+    # Until here the run only read: the output folder is made and locked now, and a failure before the first
+    # finished step removes what the run created.
+    with checkpoint.claimed_output_dir(cfg, dist) as out:
+        saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
+        state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
+        saver.last_saved_samples = state.samples_seen or None  # a resumed run does not save its start again
+        if dist.is_main:
+            out.record_launch(training_params(cfg, dist), state.step)
+        pad_id = model_config.pad_token_id or 0
+        train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, num_steps)
+
+
+def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, num_steps):
+    """The loop: sample -> pack -> forward -> scale -> backward -> step -> log -> maybe save."""
+    import torch
+
+    from batch_metrics import MetricsLog, step_metrics
+    from sampler import Prefetcher
+    from utils import all_reduce_sum
 
     start_step = state.step
-    saver = checkpoint.Saver(cfg, output_dir, dist, model_config, run_identity, resumed_at=state.samples_seen)
-    metrics = MetricsLog(output_dir, dist.is_main, num_steps)
+    metrics = MetricsLog(saver.output_dir, dist.is_main, num_steps)
     with Prefetcher(
         data,
         sampler,
@@ -253,7 +291,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
         cfg.max_tokens_per_gpu,
         dist.rank,
         dist.world_size,
-        model_config.pad_token_id or 0,
+        pad_id,
     ) as steps:  # closed on any exit: no thread left running when the process ends
         step_timer = Timer()
         for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
@@ -281,10 +319,10 @@ def run_training(cfg: TrainConfig, dist, model_config):
                     device=dist.device,
                 )
             )
-            if saver.maybe_save(model, optimizer, scheduler, state):
+            if saver.maybe_save(model, optimizer, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
             step_timer = Timer()  # after any save: a save is no part of the next step's time
-    saver.save_final(model, optimizer, scheduler, state)
+    saver.save_final(model, optimizer, state)
     if state.step == start_step:
         log(f"nothing to do: the run already reached step {state.step}")
     log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")

@@ -1,7 +1,8 @@
 """Small shared helpers: one-line user errors, rank-0 logging, and every torch.distributed call of the trainer.
 
 Keeping all collectives here makes the distributed surface of leantrain readable in one screen: init, the
-two reductions the loop needs (a sum and an agreement), a barrier, and the weight broadcast at load time.
+two reductions the loop needs (a sum and an agreement), a barrier, gathering small objects (checkpoint hashes,
+errors every rank must stop on), and the weight broadcast at load time.
 """
 
 import contextlib
@@ -164,6 +165,25 @@ def barrier():
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank ([obj] outside a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def stop_if_any(error: str | None):
+    """Collective: if any rank hit a user-facing error (a full disk, a lock held elsewhere), every rank stops with
+    the first such message, so no rank is left waiting in a collective."""
+    first = next((e for e in gather_objects(error) if e is not None), None)
+    if first is not None:
+        fail(first)
 
 
 def broadcast_buffers(model):

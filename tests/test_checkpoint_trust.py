@@ -1,0 +1,332 @@
+"""Checkpoints and output folders under attack: forged pickles, damaged files, the publish gap, a full disk, two runs
+on one folder, a fresh run into a used folder, changed settings on resume. One trained folder is shared and copied
+per case; runs go through train.py's own main in-process (fast) except where a second process is the point."""
+
+import errno
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+import checkpoint
+import tiny_model
+from conftest import ROOT, cpu_env, tokenized_conversations
+from test_train import CAP_SMALL
+from utils import Dist, UserError
+
+BATCH, STEPS, LR = 8, 3, 1e-3
+
+
+def argv(model, data, out, *extra, steps=STEPS):
+    return [
+        "--model-name-or-path", model, "--data-path", data, "--output-dir", out, "--batch-size", BATCH,
+        "--max-tokens-per-gpu", CAP_SMALL, "--max-steps", steps, "--learning-rate", LR, "--seed", 5,
+        "--lr-scheduler", "cosine", "--min-samples-per-checkpoint", BATCH, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def run(capfd):
+    """train.py's main in this process: run(*argv) -> (exit code, stdout, stderr)."""
+    import train
+
+    def run_main(*args):
+        capfd.readouterr()
+        code = 0
+        try:
+            train.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code or 0
+        captured = capfd.readouterr()
+        return code, captured.out, captured.err
+
+    return run_main
+
+
+@pytest.fixture(scope="module")
+def data_path(qwen_dir, tmp_path_factory):
+    return tokenized_conversations(tmp_path_factory.mktemp("trust_data"), qwen_dir, 60, seed=3, max_tokens=CAP_SMALL)
+
+
+@pytest.fixture(scope="module")
+def trained(qwen_dir, data_path, tmp_path_factory):
+    """A finished 3-step cosine run with checkpoints at samples 8, 16 and 24."""
+    import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv(qwen_dir, data_path, out)])
+    assert e.value.code in (0, None)
+    return out
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "training_metrics_0.jsonl")]
+
+
+def one_error_line(err: str) -> str:
+    """The run's one `error:` line, its last on stderr (transformers' loading progress bars may come before)."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+class Payload:
+    """A pickle that, if ever unpickled with the full unpickler, creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def forge_manifest(folder):
+    """Rewrite manifest.json to match the folder as it is now (an attacker who forges everything together)."""
+    (folder / "manifest.json").unlink()
+    checkpoint.write_manifest(folder, {})
+
+
+NEWEST = "full_state/samples_24"
+ONE_RANK = Dist(0, 0, 1, None)
+DISTCP = f"{NEWEST}/dcp/__0_0.distcp"
+
+
+@pytest.mark.parametrize("forged", [False, True], ids=["manifest_kept", "manifest_forged"])
+@pytest.mark.parametrize("target", ["dcp/.metadata", "dcp/__0_0.distcp", "rng_0.safetensors", "trainer_state.json"])
+def test_a_malicious_pickle_never_runs(run, qwen_dir, data_path, run_dir, tmp_path, target, forged):
+    marker = tmp_path / "pwned"
+    path = run_dir / NEWEST / target
+    payload = pickle.dumps(Payload(marker))
+    if target.endswith(".distcp"):  # written over the start of the file, the rest left as it was
+        data = bytearray(path.read_bytes())
+        data[: len(payload)] = payload
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(payload)
+    if forged:
+        forge_manifest(run_dir / NEWEST)
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    assert not marker.exists(), "code from a checkpoint ran"
+    assert "Traceback" not in err
+    if code == 0:  # detected as damaged before use: the previous checkpoint is used, saying which and why
+        assert f"skipping damaged checkpoint {run_dir / NEWEST}" in out and target.split("/")[-1] in out
+        assert f"resumed from {run_dir / 'full_state/samples_16'}" in out
+    else:  # the hashes were forged too and the file is a tensor file: refused in one line naming it
+        assert forged and code == 2
+        assert str(run_dir / NEWEST) in one_error_line(err)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_4k(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated_trainer_state": lambda d: truncate(d / "trainer_state.json"),
+    "truncated_distcp": lambda d: truncate(d / "dcp/__0_0.distcp"),
+    "flipped_4k_in_distcp": lambda d: flip_4k(d / "dcp/__0_0.distcp"),
+    "truncated_rng": lambda d: truncate(d / "rng_0.safetensors"),
+    "empty_metadata": lambda d: (d / "dcp/.metadata").write_bytes(b""),
+    "deleted_file": lambda d: (d / "dcp/__0_0.distcp").unlink(),
+    "no_manifest": lambda d: (d / "manifest.json").unlink(),
+    "garbled_manifest": lambda d: (d / "manifest.json").write_text('{"files": {"../../etc/passwd": 1}}'),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(run, qwen_dir, data_path, run_dir, damage):
+    DAMAGE[damage](run_dir / NEWEST)
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    assert code == 0, err
+    assert f"skipping damaged checkpoint {run_dir / NEWEST}" in out
+    assert f"resumed from {run_dir / 'full_state/samples_16'} at step 2" in out
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3], "the replayed step replaces its old row"
+
+
+def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):
+    for n in (8, 16, 24):
+        truncate(run_dir / f"full_state/samples_{n}/dcp/__0_0.distcp")
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    assert code == 2 and "every checkpoint" in one_error_line(err) and "not starting from scratch" in err
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir / "other", "--resume-from", run_dir / NEWEST))
+    assert code == 2 and "--resume-from" in one_error_line(err) and "size differs" in err
+    assert not (run_dir / "other").exists()
+
+
+def test_the_final_model_is_rebuilt_when_a_crash_hit_between_the_two_publishes(run, qwen_dir, data_path, run_dir):
+    hf = run_dir / "hf_format/samples_24"
+    before = load_file(hf / "model.safetensors")
+    shutil.rmtree(hf)
+    (run_dir / "hf_format/.tmp-samples_24").mkdir()  # what the killed save left
+    (run_dir / "hf_format/.tmp-samples_24/config.json").write_text("{")
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    assert code == 0, err
+    assert f"rebuilding {hf}" in out and "nothing to do" in out
+    assert not (run_dir / "hf_format/.tmp-samples_24").exists()
+    after = load_file(hf / "model.safetensors")
+    assert all((after[k] == v).all() for k, v in before.items())
+    checkpoint.verify(hf, checkpoint.HF_DIR, ONE_RANK)
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_earlier_checkpoints(run, qwen_dir, data_path, tmp_path, monkeypatch):
+    calls = []
+    real = checkpoint.write_hf_files
+
+    def fill_disk(full, config, dtype, tok, gen, out):
+        calls.append(out)
+        if len(calls) == 2:
+            (out / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+        real(full, config, dtype, tok, gen, out)
+
+    monkeypatch.setattr(checkpoint, "write_hf_files", fill_disk)
+    out = tmp_path / "run"
+    code, stdout, err = run(*argv(qwen_dir, data_path, out))
+    line = one_error_line(err)
+    assert code == 2 and "No space left on device" in line and "samples_16" in line
+    assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_8"], "partial folders removed"
+    assert sorted(p.name for p in (out / "full_state").iterdir()) == ["samples_16", "samples_8"]
+    checkpoint.verify(out / "hf_format/samples_8", checkpoint.HF_DIR, ONE_RANK)
+    assert [m["step"] for m in metrics(out)] == [1, 2], "metrics of finished steps are kept"
+    assert not (out / checkpoint.LOCK_FILE).exists()
+
+
+def test_a_second_run_on_the_folder_is_refused_while_the_first_lives(run, qwen_dir, data_path, run_dir):
+    first = subprocess.Popen(
+        [sys.executable, ROOT / "train.py", *map(str, argv(qwen_dir, data_path, run_dir, "--resume", steps=10**6))],
+        cwd=ROOT,
+        env=cpu_env({"SLURM_JOB_ID": "4242"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(metrics(run_dir)) <= STEPS:  # the first run is training
+            time.sleep(0.2)
+        code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+        line = one_error_line(err)
+        assert code == 2 and "in use by another run" in line
+        assert f"host {socket.gethostname()}, pid {first.pid}, SLURM job 4242" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel released the dead run's lock: its lock file still names it, but the folder is free again (this
+    # run gets past the lock, to the check of its length against the dead run's newest checkpoint).
+    assert (run_dir / checkpoint.LOCK_FILE).exists()
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=1))
+    assert code == 2 and "is below the checkpoint's step" in one_error_line(err)
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_removes_only_runs(run, qwen_dir, data_path, run_dir):
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir))
+    assert code == 2 and "already holds a run" in one_error_line(err) and "--overwrite" in err
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "wandb").mkdir()
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--overwrite", steps=1))
+    assert code == 0, err
+    assert (run_dir / "notes.txt").read_text() == "mine" and not (run_dir / "wandb").exists()
+    assert sorted(p.name for p in (run_dir / "hf_format").iterdir()) == ["samples_8"]
+    assert [m["step"] for m in metrics(run_dir)] == [1]
+    assert json.loads((run_dir / "training_params.json").read_text())["launches"] == []
+
+
+def test_changed_settings_are_refused_with_every_difference(run, qwen_dir, data_path, run_dir, tmp_path):
+    params_before = (run_dir / "training_params.json").read_bytes()
+    code, out, err = run(
+        *argv(qwen_dir, data_path, run_dir, "--resume", "--learning-rate", 2e-3, "--seed", 6, "--beta2", 0.99)
+    )
+    line = one_error_line(err)
+    assert code == 2
+    for diff in ("--learning-rate 0.002 (checkpoint: 0.001)", "--seed 6 (checkpoint: 5)", "--beta2 0.99"):
+        assert diff in line
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=2))
+    assert code == 2 and "run length (2 steps) is below the checkpoint's step 3" in one_error_line(err)
+
+    relabelled = tmp_path / "relabelled.jsonl"  # the same ids, one label moved: other data
+    rows = [json.loads(line) for line in open(data_path)]
+    row = rows[0]
+    first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    row["labels"][first], row["labels"][first - 1] = -100, row["input_ids"][first - 1]
+    tiny_model.write_jsonl(relabelled, rows)
+    code, out, err = run(*argv(qwen_dir, relabelled, run_dir, "--resume"))
+    assert code == 2 and "--data-path holds other data" in one_error_line(err)
+    assert (run_dir / "training_params.json").read_bytes() == params_before, "a refused resume changes nothing"
+    assert not (run_dir / checkpoint.LOCK_FILE).exists()
+
+
+def test_a_longer_cosine_run_follows_the_new_schedule_from_the_resume_point(run, qwen_dir, data_path, run_dir):
+    code, out, err = run(
+        *argv(qwen_dir, data_path, run_dir, "--resume", "--max-tokens-per-gpu", 2 * CAP_SMALL, steps=6)
+    )
+    assert code == 0, err
+    assert "the run length changed (3 -> 6 steps)" in out
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6]
+    for m in rows[3:]:  # step t uses the 6-step cosine at t - 1 finished steps
+        assert m["lr"] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * (m["step"] - 1) / 6)), rel=1e-9)
+    params = json.loads((run_dir / "training_params.json").read_text())
+    assert params["max_steps"] == 6 and params["max_tokens_per_gpu"] == 2 * CAP_SMALL
+    assert [launch["max_steps"] for launch in params["launches"]] == [STEPS]
+
+
+def test_a_failure_before_the_first_step_leaves_nothing(run, qwen_dir, data_path, tmp_path, monkeypatch):
+    import train
+    from utils import fail
+
+    def broken(*args):
+        fail("simulated failure in the first step")
+
+    monkeypatch.setattr(train, "forward_loss_sum", broken)
+    out = tmp_path / "new" / "run"
+    code, stdout, err = run(*argv(qwen_dir, data_path, out))
+    assert code == 2 and "simulated failure" in one_error_line(err)
+    assert not (tmp_path / "new").exists(), "the folders this run made are gone"
+
+
+def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch, capfd):
+    import fcntl
+    from types import SimpleNamespace
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    cfg = SimpleNamespace(output_dir=str(tmp_path), resume=True, resume_from=None, overwrite=False)
+    lock = tmp_path / checkpoint.LOCK_FILE
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None}))
+
+    with pytest.raises(UserError, match=f"may be in use by another run \\(host {socket.gethostname()}, pid"):
+        checkpoint.OutputDir(tmp_path).take(cfg)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job_id": None}))
+    held = checkpoint.OutputDir(tmp_path)
+    held.take(cfg)  # a stale holder on this host: taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "no flock" in capfd.readouterr().out
+    held.release(failed=False)
+    assert not lock.exists()
