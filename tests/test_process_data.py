@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 import process_data
 import tiny_model
 from conftest import ROOT, run_script, tokenize
+from sampler import load_tokenized
 
 SYS = {"role": "system", "content": "You are terse."}
 U1 = {"role": "user", "content": "hello there, how are you?"}
@@ -319,3 +321,214 @@ def test_parallel_output_equals_serial_and_cli_has_no_traceback(tmp_path, qwen_d
     )
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Document mode: --pretrain-block-size
+
+BLOCK = 64
+
+
+def documents(n: int, seed: int) -> list[str]:
+    """n generated documents of 1-150 words, one of them long enough to span several blocks, one empty."""
+    rng = random.Random(seed)
+    docs = [tiny_model.make_text(rng, rng.randint(1, 150)) for _ in range(n)]
+    docs[n // 3] = tiny_model.make_text(rng, 400)
+    docs[n // 2] = ""
+    return docs
+
+
+def document_stream(tokenizer, docs: list[str]) -> tuple[list[int], set[int]]:
+    """The documents' tokens, each followed by EOS (empty documents left out), and where each one starts."""
+    stream, starts = [], set()
+    for doc in docs:
+        if doc:
+            starts.add(len(stream))
+            stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return stream, starts
+
+
+def run_documents(tmp_path, docs, tokenizer_dir, *flags):
+    return run(tmp_path, [{"document": d} for d in docs], tokenizer_dir, "--pretrain-block-size", BLOCK, *flags)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_blocks_are_the_documents_with_eos_separators(tmp_path, qwen_dir, isolate):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    docs = documents(80, seed=3)
+    result, rows = run_documents(tmp_path, docs, qwen_dir, *(["--isolate-documents"] if isolate else []))
+    assert result.exit_code == 0, result.output
+    stream, starts = document_stream(tokenizer, docs)
+    assert sum((r["input_ids"] for r in rows), []) == stream
+    assert 0 < len(stream) % BLOCK == rows[-1]["len"], "the partial last block is kept at its true length"
+    assert all(r["len"] == BLOCK for r in rows[:-1])
+    offset = 0
+    for row in rows:
+        assert row["labels"] == row["input_ids"] and row["len"] == len(row["input_ids"])
+        if isolate:  # 0 at each document start and at the block start (a fresh context), else counting on
+            expected, p = [], 0
+            for t in range(row["len"]):
+                p = 0 if t == 0 or offset + t in starts else p + 1
+                expected.append(p)
+            assert row["position_ids"] == expected
+            assert row["num_loss_counted_tokens"] == sum(p != 0 for p in expected[1:])
+        else:
+            assert "position_ids" not in row and row["num_loss_counted_tokens"] == row["len"] - 1
+        offset += row["len"]
+    # The trainer counts the same targets (its own rule, from the rows' position_ids).
+    data = load_tokenized(tmp_path / "out.jsonl", BLOCK)
+    assert data.num_loss_counted_tokens.tolist() == [r["num_loss_counted_tokens"] for r in rows]
+
+    assert (
+        f"read {len(docs)} documents" in result.output
+        and f"wrote {len(rows)} blocks of {BLOCK} tokens" in result.output
+    )
+    assert "dropped 1 (empty_document)" in result.output
+    assert f"last block: {rows[-1]['len']} tokens, kept at its true length" in result.output
+    assert tokenizer.decode(rows[0]["input_ids"]) in result.output
+
+
+def test_drop_last_block(tmp_path, qwen_dir):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    docs = documents(30, seed=4)
+    result, rows = run_documents(tmp_path, docs, qwen_dir, "--drop-last-block")
+    assert result.exit_code == 0, result.output
+    stream, _ = document_stream(tokenizer, docs)
+    assert len(stream) % BLOCK and all(r["len"] == BLOCK for r in rows)
+    assert sum((r["input_ids"] for r in rows), []) == stream[: len(stream) // BLOCK * BLOCK]
+    assert f"last block: {len(stream) % BLOCK} tokens, dropped (--drop-last-block)" in result.output
+
+    result, rows = run_documents(tmp_path, ["too short for one block"], qwen_dir, "--drop-last-block")
+    assert result.exit_code == 2 and rows is None
+    assert result.stderr.strip().endswith("no block left to write (1 partial_last_block)"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--pretrain-block-size", 4097], "--pretrain-block-size 4097: more than the model's 4096 positions"),
+        (["--pretrain-block-size", 1], "--pretrain-block-size must be >= 2"),
+        (["--pretrain-block-size", 64, "--max-sample-num-tokens", 10], "--max-sample-num-tokens does not apply"),
+        (["--isolate-documents"], "--isolate-documents needs --pretrain-block-size"),
+        (["--drop-last-block"], "--drop-last-block needs --pretrain-block-size"),
+        (["--document-column-name", "text"], "--document-column-name needs --pretrain-block-size"),
+    ],
+)
+def test_document_flag_errors(tmp_path, qwen_dir, flags, expected):
+    result, rows = run(tmp_path, [{"document": "some text"}], qwen_dir, *flags)
+    assert result.exit_code == 2 and rows is None
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+DOC_GOOD = b'{"text": "a good document with a few words"}\n'
+DOC_BAD_LINES = {
+    "invalid_json": (b'{"text": "unterminated}\n', "invalid JSON"),
+    "not_an_object": (b'["text"]\n', "expected a JSON object, got list"),
+    "missing_column": (b'{"document": "the default column, not the one named"}\n', "missing field 'text'"),
+    "number": (b'{"text": 5}\n', "field 'text' must be a string, got int"),
+    "null": (b'{"text": null}\n', "field 'text' must be a string, got NoneType"),
+    "list": (b'{"text": ["a", "b"]}\n', "field 'text' must be a string, got list"),
+    "invalid_utf8": (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DOC_BAD_LINES))
+def test_bad_document_lines_are_one_line_errors(tmp_path, qwen_dir, case):
+    bad, expected = DOC_BAD_LINES[case]
+    flags = ["--pretrain-block-size", BLOCK, "--document-column-name", "text"]
+    result, out = run(tmp_path, None, qwen_dir, *flags, raw_lines=[DOC_GOOD, b"\n", bad, DOC_GOOD])
+    assert result.exit_code == 2 and out is None
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'in.jsonl'}:3: "), result.stderr
+    assert expected in lines[0]
+    assert not list(tmp_path.glob(".out.jsonl.tmp*"))
+
+
+def test_bad_document_lines_skipped_and_counted(tmp_path, qwen_dir):
+    lines = [DOC_GOOD, DOC_BAD_LINES["number"][0], DOC_BAD_LINES["invalid_json"][0], DOC_BAD_LINES["null"][0]]
+    flags = ["--pretrain-block-size", BLOCK, "--document-column-name", "text", "--skip-invalid"]
+    result, out = run(tmp_path, None, qwen_dir, *flags, raw_lines=[*lines, DOC_GOOD])
+    assert result.exit_code == 0, result.output
+    assert "read 5 documents" in result.output
+    assert "skipped 2 invalid (bad_document)" in result.output and "skipped 1 invalid (invalid_json)" in result.output
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    good = json.loads(DOC_GOOD)["text"]
+    assert sum((r["input_ids"] for r in out), []) == document_stream(tokenizer, [good, good])[0]
+
+
+def test_document_blocks_parallel_equal_serial(tmp_path, qwen_dir):
+    """Enough documents for more chunks than are in flight at once, blocks carried across chunk boundaries."""
+    flags = ["--pretrain-block-size", 100, "--isolate-documents"]
+    result, _ = run(tmp_path, [{"document": d} for d in documents(1400, seed=5)], qwen_dir, *flags)
+    assert result.exit_code == 0, result.output
+    serial = (tmp_path / "out.jsonl").read_bytes()
+    parallel = tokenize(tmp_path / "in.jsonl", qwen_dir, tmp_path / "out2.jsonl", *flags, "--num-proc", 2)
+    assert parallel.read_bytes() == serial
+    assert serial.count(b"\n") > 1000
+
+
+def single_token_words(tokenizer) -> list[str]:
+    """Words, leading space included, that are one token each: documents of an exact token length."""
+    words = [" " + t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha()]
+    encoded = tokenizer.backend_tokenizer.encode_batch(words, add_special_tokens=False)
+    return sorted(w for w, e in zip(words, encoded) if len(e.ids) == 1)
+
+
+def one_step(model_dir, data, out_dir) -> dict:
+    """train.py's own main, in-process: one step on every sample of `data` at once. Returns the step's metrics."""
+    import train
+
+    argv = ["--model-name-or-path", model_dir, "--data-path", data, "--output-dir", out_dir]
+    argv += ["--batch-size", data.read_text().count("\n"), "--max-tokens-per-gpu", 4096, "--max-steps", 1]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(a) for a in [*argv, "--no-save-final-checkpoint"]])
+    assert exit_info.value.code == 0
+    (metrics,) = [json.loads(line) for line in open(out_dir / "training_metrics_0.jsonl")]
+    return metrics
+
+
+def test_isolated_blocks_train_like_separate_documents(tmp_path, qwen_dir):
+    """Documents laid out to fill whole blocks: one step on all --isolate-documents blocks equals one step on the
+    same documents as separate samples, alone and mixed with chat samples in one file. Without
+    --isolate-documents it does not: attention crosses documents, and each document's first token is a target."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    words = single_token_words(tokenizer)
+    rng = random.Random(6)
+    lengths = []  # tokens per document, EOS included
+    for _ in range(5):  # full blocks of three documents each
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        lengths += [a, b, BLOCK - a - b]
+    lengths += [20, 15]  # and a partial last block
+    docs = ["".join(rng.choices(words, k=n - 1)) for n in lengths]
+    assert [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs] == lengths
+
+    def tokenized(name, rows, *flags) -> str:
+        src = tiny_model.write_jsonl(tmp_path / f"{name}_in.jsonl", rows)
+        result = invoke(src, tmp_path / f"{name}.jsonl", qwen_dir, "--num-proc", 1, *flags)
+        assert result.exit_code == 0, result.output
+        return (tmp_path / f"{name}.jsonl").read_text()
+
+    doc_rows = [{"document": d} for d in docs]
+    blocks = tokenized("blocks", doc_rows, "--pretrain-block-size", BLOCK, "--isolate-documents")
+    plain = tokenized("plain", doc_rows, "--pretrain-block-size", BLOCK)
+    separate = tokenized("separate", [{"messages": [{"role": "pretrain", "content": d}]} for d in docs])
+    chat = tokenized("chat", tiny_model.make_conversations(6, seed=2, max_words=30))
+    assert blocks.count("\n") == 6 and separate.count("\n") == len(docs)
+
+    runs = {"blocks": blocks, "plain": plain, "separate": separate}
+    runs |= {"chat_blocks": chat + blocks, "chat_separate": chat + separate}
+    metrics = {}
+    for name, text in runs.items():
+        (tmp_path / f"{name}_train.jsonl").write_text(text)
+        metrics[name] = one_step(qwen_dir, tmp_path / f"{name}_train.jsonl", tmp_path / f"run_{name}")
+    for a, b in [("blocks", "separate"), ("chat_blocks", "chat_separate")]:
+        assert metrics[a]["num_total_tokens"] == metrics[b]["num_total_tokens"]
+        assert metrics[a]["num_loss_counted_tokens"] == metrics[b]["num_loss_counted_tokens"]
+        assert metrics[a]["loss"] == pytest.approx(metrics[b]["loss"], rel=1e-4)
+        assert metrics[a]["grad_norm"] == pytest.approx(metrics[b]["grad_norm"], rel=1e-4)
+    # Every document start but the 6 at a block start becomes a target.
+    assert metrics["plain"]["num_loss_counted_tokens"] == metrics["separate"]["num_loss_counted_tokens"] + 17 - 6
+    # and fails the very checks the isolated blocks pass (a random model's loss moves little; its gradient, ~1%).
+    assert metrics["plain"]["loss"] != pytest.approx(metrics["separate"]["loss"], rel=1e-4)
+    assert metrics["plain"]["grad_norm"] != pytest.approx(metrics["separate"]["grad_norm"], rel=1e-3)
