@@ -16,6 +16,7 @@ import time
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import checkpoint
 import tiny_model
@@ -105,6 +106,7 @@ def forge_manifest(folder):
 
 
 NEWEST = "full_state/samples_24"
+NO_SAVES = ("--no-save-final-checkpoint", "--min-samples-per-checkpoint", 10**6)  # resumes that only show the pick
 ONE_RANK = Dist(0, 0, 1, None)
 DISTCP = f"{NEWEST}/dcp/__0_0.distcp"
 
@@ -123,7 +125,7 @@ def test_a_malicious_pickle_never_runs(run, qwen_dir, data_path, run_dir, tmp_pa
         path.write_bytes(payload)
     if forged:
         forge_manifest(run_dir / NEWEST)
-    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", *NO_SAVES))
     assert not marker.exists(), "code from a checkpoint ran"
     assert "Traceback" not in err
     if code == 0:  # detected as damaged before use: the previous checkpoint is used, saying which and why
@@ -157,14 +159,26 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(run, qwen_dir, data_path, run_dir, damage):
-    DAMAGE[damage](run_dir / NEWEST)
-    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+@pytest.mark.parametrize(
+    "newest,previous",
+    [
+        ("truncated_trainer_state", "truncated_distcp"),
+        ("flipped_4k_in_distcp", "truncated_rng"),
+        ("empty_metadata", "deleted_file"),
+        ("no_manifest", "garbled_manifest"),
+    ],
+)
+def test_damaged_checkpoints_are_reported_and_the_newest_intact_one_used(
+    run, qwen_dir, data_path, run_dir, newest, previous
+):
+    DAMAGE[newest](run_dir / NEWEST)
+    DAMAGE[previous](run_dir / "full_state/samples_16")
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", *NO_SAVES))
     assert code == 0, err
-    assert f"skipping damaged checkpoint {run_dir / NEWEST}" in out
-    assert f"resumed from {run_dir / 'full_state/samples_16'} at step 2" in out
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3], "the replayed step replaces its old row"
+    for damaged in (NEWEST, "full_state/samples_16"):
+        assert f"skipping damaged checkpoint {run_dir / damaged}" in out
+    assert f"resumed from {run_dir / 'full_state/samples_8'} at step 1" in out
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3], "replayed steps replace their old rows"
 
 
 def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):
@@ -190,6 +204,7 @@ def test_the_final_model_is_rebuilt_when_a_crash_hit_between_the_two_publishes(r
     after = load_file(hf / "model.safetensors")
     assert all((after[k] == v).all() for k, v in before.items())
     checkpoint.verify(hf, checkpoint.HF_DIR, ONE_RANK)
+    assert AutoTokenizer.from_pretrained(hf).eos_token == "<|im_end|>"
 
 
 def test_a_full_disk_stops_in_one_line_and_keeps_earlier_checkpoints(run, qwen_dir, data_path, tmp_path, monkeypatch):
@@ -274,6 +289,9 @@ def test_changed_settings_are_refused_with_every_difference(run, qwen_dir, data_
     tiny_model.write_jsonl(relabelled, rows)
     code, out, err = run(*argv(qwen_dir, relabelled, run_dir, "--resume"))
     assert code == 2 and "--data-path holds other data" in one_error_line(err)
+    wider = tiny_model.build_model(tmp_path / "wider", hidden_size=64, intermediate_size=128)
+    code, out, err = run(*argv(wider, data_path, run_dir, "--resume"))
+    assert code == 2 and "--model-name-or-path is another model architecture" in one_error_line(err)
     assert (run_dir / "training_params.json").read_bytes() == params_before, "a refused resume changes nothing"
     assert not (run_dir / checkpoint.LOCK_FILE).exists()
 
@@ -291,6 +309,12 @@ def test_a_longer_cosine_run_follows_the_new_schedule_from_the_resume_point(run,
     params = json.loads((run_dir / "training_params.json").read_text())
     assert params["max_steps"] == 6 and params["max_tokens_per_gpu"] == 2 * CAP_SMALL
     assert [launch["max_steps"] for launch in params["launches"]] == [STEPS]
+
+
+def test_resume_in_an_empty_folder_starts_from_scratch(run, qwen_dir, data_path, tmp_path):
+    code, out, err = run(*argv(qwen_dir, data_path, tmp_path / "run", "--resume", *NO_SAVES, steps=1))
+    assert code == 0, err
+    assert "no checkpoint" in out and "starting from scratch" in out
 
 
 def test_a_failure_before_the_first_step_leaves_nothing(run, qwen_dir, data_path, tmp_path, monkeypatch):
