@@ -10,7 +10,7 @@ import resource
 import time
 from pathlib import Path
 
-from utils import format_duration, log
+from utils import fail, format_duration, log
 
 METRICS_FILE = "training_metrics_0.jsonl"
 
@@ -57,8 +57,11 @@ class MetricsLog:
     def write(self, metrics: dict):
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:  # a full disk or a vanished folder: the user's to fix, so one line
+            fail(f"cannot write {self.path}: {e.strerror or e}")
         self.written += 1
         if self.written > 1:  # the first step of a process compiles and warms up: it says nothing about the rest
             self.recent = (self.recent + [metrics["time_per_step"]])[-20:]

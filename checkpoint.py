@@ -679,8 +679,8 @@ class OutputDir:
     process dies, plus a lock file naming the holder). If the run fails before finishing a step, release()
     removes what the run created and restores training_params.json."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main = path, is_main
         self.lock_path = path / LOCK_FILE
         self.fd = None
         self.created: list[Path] = []
@@ -748,17 +748,26 @@ class OutputDir:
             )
 
     def record_launch(self, params: dict, resumed_step: int):
-        """Write training_params.json (this launch, flat, plus earlier launches oldest first) and drop metrics
-        rows past the resumed step (steps a crashed run did after its last checkpoint, replayed now)."""
-        launches = []
-        if self.params_before is not None:  # only a resumed run finds one (a fresh run refused, --overwrite deleted it)
+        """Collective. Write training_params.json (this launch, flat, plus earlier launches oldest first) and drop
+        metrics rows past the resumed step (steps a crashed run did after its last checkpoint, replayed now)."""
+        error = None
+        if self.is_main:
             try:
-                earlier = json.loads(self.params_before)
-                launches = [*earlier.pop("launches", []), earlier]
-            except (ValueError, AttributeError, TypeError):
-                log(f"note: {self.path / PARAMS_FILE} was unreadable; earlier launches are not listed")
-        write_atomically(self.path / PARAMS_FILE, json.dumps(params | {"launches": launches}, indent=2) + "\n")
-        self.rows_at_launch = trim_metrics(self.path / METRICS_FILE, resumed_step)
+                write_atomically(self.path / PARAMS_FILE, json.dumps(params | self._launches(), indent=2) + "\n")
+                self.rows_at_launch = trim_metrics(self.path / METRICS_FILE, resumed_step)
+            except OSError as e:
+                error = f"cannot write in --output-dir {self.path}: {describe_error(e)}"
+        stop_if_any(error)
+
+    def _launches(self) -> dict:
+        if self.params_before is None:  # only a resumed run finds one (a fresh run refused, --overwrite deleted it)
+            return {"launches": []}
+        try:
+            earlier = json.loads(self.params_before)
+            return {"launches": [*earlier.pop("launches", []), earlier]}
+        except (ValueError, AttributeError, TypeError):
+            log(f"note: {self.path / PARAMS_FILE} was unreadable; earlier launches are not listed")
+            return {"launches": []}
 
     def release(self, failed: bool):
         """Remove the lock; after a failure before any finished step, also undo what this run created."""
@@ -786,7 +795,7 @@ class OutputDir:
 @contextlib.contextmanager
 def claimed_output_dir(cfg, dist):
     """Create and lock --output-dir on rank 0 (every rank stops if that fails), and release it at the end."""
-    out = OutputDir(Path(cfg.output_dir))
+    out = OutputDir(Path(cfg.output_dir), dist.is_main)
     error = None
     if dist.is_main:
         try:

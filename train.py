@@ -268,8 +268,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
         saver.last_saved_samples = state.samples_seen or None  # a resumed run does not save its start again
-        if dist.is_main:
-            out.record_launch(training_params(cfg, dist), state.step)
+        out.record_launch(training_params(cfg, dist), state.step)
         pad_id = model_config.pad_token_id or 0
         train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, num_steps)
 

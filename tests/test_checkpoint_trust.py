@@ -344,11 +344,11 @@ def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch, capfd):
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None}))
 
     with pytest.raises(UserError, match=f"may be in use by another run \\(host {socket.gethostname()}, pid"):
-        checkpoint.OutputDir(tmp_path).take(cfg)
+        checkpoint.OutputDir(tmp_path, True).take(cfg)
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job_id": None}))
-    held = checkpoint.OutputDir(tmp_path)
+    held = checkpoint.OutputDir(tmp_path, True)
     held.take(cfg)  # a stale holder on this host: taken over
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "no flock" in capfd.readouterr().out
