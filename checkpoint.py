@@ -76,6 +76,9 @@ MUST_MATCH = (
     "weight_decay",
     "max_grad_norm",
     "train_dtype",
+    "osft",
+    "osft_unfreeze_rank_ratio",
+    "osft_target_patterns",
 )
 
 
@@ -616,9 +619,12 @@ class Saver:
         """Gather full weights to rank 0's CPU (one tensor at a time, offloaded) and write a from_pretrained folder."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        import osft
+
         full = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
             return []
+        full = osft.dense_state_dict(full)  # OSFT factors back to the model's own dense weights
         write_hf_files(full, self.model_config, self.cfg.save_dtype, self.tokenizer, self.generation_config, tmp)
         return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
 

@@ -416,12 +416,16 @@ def setup_model(cfg, dist, config) -> LossModel:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    import osft
+
     requested = (cfg.attn_implementation, cfg.loss)
     cfg.attn_implementation = choose_attention(cfg, dist, config)
     cfg.loss = choose_loss(cfg, dist)
     if cfg.compile is None:  # Liger's Triton kernels inside compiled layers fail to trace: one or the other
         cfg.compile = dist.device.type == "cuda" and not cfg.use_liger_kernels
     lm = load_model(cfg, dist, config, cfg.attn_implementation)
+    if cfg.osft:
+        osft.apply_osft(lm, cfg.osft_unfreeze_rank_ratio, cfg.osft_target_patterns)
     if cfg.use_liger_kernels:
         if dist.device.type != "cuda":
             fail("--use-liger-kernels needs a CUDA GPU")
@@ -461,14 +465,19 @@ def setup_model(cfg, dist, config) -> LossModel:
 
 
 def build_optimizer(cfg, model, device):
-    return torch.optim.AdamW(
-        model.parameters(),
+    """AdamW over the trainable parameters; OSFT's after-step projection, if any, hangs on it."""
+    import osft
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",
     )
+    osft.keep_orthogonal(optimizer, model)
+    return optimizer
 
 
 def build_scheduler(cfg, optimizer, total_steps: int | None):

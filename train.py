@@ -77,6 +77,20 @@ class TrainConfig:
         "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
         "any device). Or any transformers name: sdpa, eager, flash_attention_2, ...",
     )
+    # OSFT (osft.py)
+    osft: bool = option(
+        False,
+        "Orthogonal Subspace Fine-Tuning: freeze each target's top singular subspace, train the rest orthogonally.",
+        ("--osft/--no-osft",),
+    )
+    osft_unfreeze_rank_ratio: float | None = option(
+        None, "OSFT: fraction r of each target's singular directions that train (0 freezes, 1 = plain fine-tuning)."
+    )
+    osft_target_patterns: str | None = option(
+        None,
+        "OSFT: comma-separated fnmatch patterns of Linear module names (e.g. '*.q_proj,*.mlp.*'). Default: the "
+        "attention q/k/v/o and MLP gate/up/down projections.",
+    )
     # checkpoints
     save_dtype: str | None = option(
         None, "Dtype of saved HF weights: float32, bfloat16 or float16. Default: the dtype the model was loaded with."
@@ -119,6 +133,12 @@ class TrainConfig:
             fail("--resume and --resume-from conflict: give at most one")
         if self.overwrite and self.resume:
             fail("--overwrite and --resume conflict: --overwrite deletes the checkpoints --resume would continue")
+        if self.osft and self.osft_unfreeze_rank_ratio is None:
+            fail("--osft needs --osft-unfreeze-rank-ratio (the fraction of singular directions that train)")
+        if not self.osft and (self.osft_unfreeze_rank_ratio is not None or self.osft_target_patterns is not None):
+            fail("--osft-unfreeze-rank-ratio and --osft-target-patterns need --osft")
+        if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
+            fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.loss not in LOSSES:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
 

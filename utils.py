@@ -151,6 +151,14 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(tensor):
+    """Sum a tensor over ranks, in place (nothing to do outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def any_rank(flag: bool, device) -> bool:
     """Agree on a control decision (stop, save): true on every rank if it is true on any rank."""
     import torch
