@@ -54,14 +54,17 @@ class MetricsLog:
         self.recent: list[float] = []  # step times after the first, for the ETA
         self.written = 0
 
+    def append(self, row: dict):
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk or a vanished folder: the user's to fix, so one line
+            fail(f"cannot write {self.path}: {e.strerror or e}")
+
     def write(self, metrics: dict):
         if not self.is_main:
             return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        except OSError as e:  # a full disk or a vanished folder: the user's to fix, so one line
-            fail(f"cannot write {self.path}: {e.strerror or e}")
+        self.append(metrics)
         self.written += 1
         if self.written > 1:  # the first step of a process compiles and warms up: it says nothing about the rest
             self.recent = (self.recent + [metrics["time_per_step"]])[-20:]
@@ -74,4 +77,14 @@ class MetricsLog:
             f"step {metrics['step']}{of} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
             f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | "
             f"{metrics['num_minibatches']} mb{eta}"
+        )
+
+    def write_validation(self, row: dict):
+        """A validation row of its own (no `loss` key: training rows are exactly those with one)."""
+        if not self.is_main:
+            return
+        self.append(row)
+        log(
+            f"step {row['step']} | val_loss {row['val_loss']:.4f} | {row['val_num_loss_counted_tokens']:,} tokens "
+            f"in {row['val_time']:.1f} s"
         )
