@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,7 @@ MUST_MATCH = (
     "osft",
     "osft_unfreeze_rank_ratio",
     "osft_target_patterns",
+    "validation_split",
 )
 
 
@@ -286,6 +288,10 @@ def read_trainer_state(folder: Path) -> dict:
         valid = (
             all(_is_count(state[k]) for k in ("step", "samples_seen", "tokens_seen"))
             and all(_is_count(sampler[k]) for k in ("epoch", "offset", "seed", "num_samples"))
+            and (
+                meta.get("best") is None
+                or (type(meta["best"]["val_loss"]) is float and _is_count(meta["best"]["samples"]))
+            )
             and (meta["num_steps"] is None or _is_count(meta["num_steps"]))
             and _is_count(meta["world_size"])
             and isinstance(meta["settings"], dict)
@@ -499,19 +505,44 @@ class Saver:
     """Decides when to save (every --min-samples-per-checkpoint samples, at the end, on SIGTERM/SIGUSR1) and
     writes checkpoints. Decisions are agreed across ranks."""
 
-    def __init__(self, cfg, output_dir: Path, dist, model_config, settings: dict, num_steps, resumed_at: int = 0):
+    def __init__(self, cfg, output_dir: Path, dist, model_config, settings: dict, num_steps):
         self.cfg, self.output_dir, self.dist = cfg, Path(output_dir), dist
         self.model_config, self.settings, self.num_steps = model_config, settings, num_steps
-        self.last_saved_samples = resumed_at or None  # a resumed run does not save its starting point again
+        self.last_saved_samples = None
+        self.best = None  # {"val_loss", "samples"} of the best checkpoint, with --keep-best-checkpoint
         self.signal_received = None
         self.tokenizer = self.generation_config = None
         if dist.is_main:
             self.tokenizer, self.generation_config = self._load_extras(cfg.model_name_or_path)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+
+    def resumed(self, meta: dict, state: TrainState):
+        self.last_saved_samples = state.samples_seen  # a resumed run does not save its starting point again
+        self.best = meta.get("best")
+
+    @contextlib.contextmanager
+    def catching_preemption(self):
+        """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) ask for a save and a clean stop. Only the main
+        thread can take signals: a run started from another thread (the Python API) goes without."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
         self.signal_received = signum
+
+    def note_validation(self, val_loss: float, model, optimizer, state: TrainState):
+        """With --keep-best-checkpoint, an improved val_loss gets a checkpoint that pruning keeps."""
+        if not self.cfg.keep_best_checkpoint or (self.best is not None and val_loss >= self.best["val_loss"]):
+            return
+        self.best = {"val_loss": val_loss, "samples": state.samples_seen}
+        log(f"best val_loss so far: {val_loss:.4f} at step {state.step}")
+        self.save(model, optimizer, state)  # validation runs before the step's other saves: none exists yet
 
     @staticmethod
     def _load_extras(path):
@@ -608,6 +639,7 @@ class Saver:
                 "state": asdict(state),
                 "num_steps": self.num_steps,
                 "settings": self.settings,
+                "best": self.best,
                 "world_size": self.dist.world_size,
                 "model_name_or_path": self.cfg.model_name_or_path,
             }
@@ -629,12 +661,15 @@ class Saver:
         return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
 
     def prune(self):
+        """Keep the newest --keep-last-checkpoints (and the best by val_loss with --keep-best-checkpoint)."""
         keep = self.cfg.keep_last_checkpoints
         if keep is None:
             return
+        best = self.best["samples"] if self.best else None
         for kind in (HF_DIR, STATE_DIR):
-            for _, path in checkpoints(self.output_dir, kind)[:-keep]:
-                shutil.rmtree(path)
+            for samples, path in checkpoints(self.output_dir, kind)[:-keep]:
+                if samples != best:
+                    shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

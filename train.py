@@ -9,7 +9,9 @@
 import inspect
 import math
 import platform
+import subprocess
 import sys
+import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -77,6 +79,19 @@ class TrainConfig:
         "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
         "any device). Or any transformers name: sdpa, eager, flash_attention_2, ...",
     )
+    # validation
+    validation_data_path: str | None = option(None, "Tokenized JSONL to measure val_loss on (no gradient).")
+    validation_split: float | None = option(
+        None, "Hold out this fraction of --data-path's samples (chosen by --seed) to measure val_loss on."
+    )
+    validation_frequency: int | None = option(
+        None, "Measure val_loss every this many steps, and at the end. Default: every 10% of a known run length."
+    )
+    keep_best_checkpoint: bool = option(
+        False,
+        "Save a checkpoint whenever val_loss improves; pruning never deletes the best one.",
+        ("--keep-best-checkpoint",),
+    )
     # OSFT (osft.py)
     osft: bool = option(
         False,
@@ -133,6 +148,15 @@ class TrainConfig:
             fail("--resume and --resume-from conflict: give at most one")
         if self.overwrite and self.resume:
             fail("--overwrite and --resume conflict: --overwrite deletes the checkpoints --resume would continue")
+        if self.validation_data_path is not None and self.validation_split is not None:
+            fail("--validation-data-path and --validation-split conflict: give at most one")
+        if self.validation_split is not None and not 0 < self.validation_split < 1:
+            fail(f"--validation-split must be a fraction in (0, 1), got {self.validation_split}")
+        if self.validation_frequency is not None and self.validation_frequency < 1:
+            fail(f"--validation-frequency must be >= 1, got {self.validation_frequency}")
+        has_validation = self.validation_data_path is not None or self.validation_split is not None
+        if (self.validation_frequency is not None or self.keep_best_checkpoint) and not has_validation:
+            fail("--validation-frequency and --keep-best-checkpoint need --validation-data-path or --validation-split")
         if self.osft and self.osft_unfreeze_rank_ratio is None:
             fail("--osft needs --osft-unfreeze-rank-ratio (the fraction of singular directions that train)")
         if not self.osft and (self.osft_unfreeze_rank_ratio is not None or self.osft_target_patterns is not None):
@@ -193,6 +217,7 @@ def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_
     path, meta = found
     checkpoint.check_resumable(path, meta, saver.settings, num_steps)
     state = checkpoint.load(path, meta, model, optimizer, sampler, dist)
+    saver.resumed(meta, state)
     # The lr of step t is the schedule of this launch's length at t (a longer run changes the curve from here on).
     setup_model.move_scheduler_to(scheduler, state.step)
     log(f"resumed from {path} at step {state.step} ({state.samples_seen} samples seen)")
@@ -204,6 +229,86 @@ def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_
         )
     saver.complete_resumed(model, path, state)
     return state
+
+
+def load_data(cfg: TrainConfig, model_config):
+    """The training samples and the validation samples (None without validation), checked against the model."""
+    import numpy as np
+
+    from sampler import load_tokenized, select_samples
+
+    def load(path):
+        return load_tokenized(
+            path,
+            cfg.max_tokens_per_gpu,
+            model_config.vocab_size,
+            max_positions=getattr(model_config.get_text_config(), "max_position_embeddings", None),
+            drop_overlong=cfg.drop_overlong_samples,
+        )
+
+    data = load(cfg.data_path)
+    val = load(cfg.validation_data_path) if cfg.validation_data_path else None
+    if cfg.validation_split is not None:
+        count = max(1, round(cfg.validation_split * len(data)))
+        if count >= len(data):
+            fail(
+                f"--validation-split {cfg.validation_split} leaves no training sample of the {len(data)} in {cfg.data_path}"
+            )
+        held_out = np.zeros(len(data), dtype=bool)
+        held_out[np.random.default_rng(cfg.seed).permutation(len(data))[:count]] = True  # by seed, reproducible
+        data, val = select_samples(data, ~held_out), select_samples(data, held_out)
+    if val is not None and val.num_loss_counted_tokens.sum() == 0:
+        fail("the validation samples have no labelled token to measure val_loss on")
+    return data, val
+
+
+class Validation:
+    """val_loss: the exact token-weighted mean over the whole held-out set across ranks, packed and computed like
+    the training loss, without gradients. Due every `every` steps and at the end."""
+
+    def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None):
+        self.data, self.dist, self.pad_id, self.capacity = data, dist, pad_id, cfg.max_tokens_per_gpu
+        self.every = cfg.validation_frequency or (math.ceil(num_steps / 10) if num_steps else None)
+        self.last_step = None
+
+    def due(self, step: int, final: bool = False) -> bool:
+        if self.data is None or step == self.last_step or step == 0:
+            return False
+        return final or (self.every is not None and step % self.every == 0)
+
+    def run(self, model, step: int) -> dict:
+        import torch
+
+        import setup_model
+        from sampler import collate, pack_minibatches
+        from utils import all_reduce_sum
+
+        timer, device = Timer(), self.dist.device
+        plan = pack_minibatches(self.data.lengths, self.capacity, self.dist.world_size)[self.dist.rank]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        model.eval()
+        with torch.no_grad():
+            for indices in plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
+                loss_sum += forward_loss_sum(model, collate(self.data, indices, self.pad_id), device)
+        model.train()
+        setup_model.reshard(model)  # a no-grad forward leaves FSDP's root gathered: the optimizer needs the shards
+        num_tokens = int(self.data.num_loss_counted_tokens.sum())
+        val_loss = all_reduce_sum([loss_sum.item()], device)[0] / num_tokens
+        self.last_step = step
+        return {
+            "step": step,
+            "val_loss": val_loss,
+            "val_num_loss_counted_tokens": num_tokens,
+            "val_time": timer.elapsed(),
+            "timestamp": time.time(),
+        }
+
+
+def validate(validation, model, optimizer, state, metrics, saver):
+    """Measure val_loss, log it as its own row, and let --keep-best-checkpoint save an improvement."""
+    row = validation.run(model, state.step)
+    metrics.write_validation(row)
+    saver.note_validation(row["val_loss"], model, optimizer, state)
 
 
 def forward_loss_sum(model, mb, device):
@@ -234,7 +339,8 @@ def take_optimizer_step(optimizer, scheduler) -> float:
 
 
 def train(cfg: TrainConfig):
-    """Check the flags, start the process group, train, stop the process group."""
+    """Check the flags, start the process group, train, stop the process group. The Python API: a bad flag, path
+    or file raises utils.UserError; the output-folder lock and the process group are released on any exit."""
     import checkpoint
     import setup_model
     from utils import check_can_create, destroy_distributed, init_distributed
@@ -257,19 +363,13 @@ def run_training(cfg: TrainConfig, dist, model_config):
 
     import checkpoint
     import setup_model
-    from sampler import GlobalSampler, load_tokenized
+    from sampler import GlobalSampler
 
     cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
     cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
     torch.manual_seed(cfg.seed)
 
-    data = load_tokenized(
-        cfg.data_path,
-        cfg.max_tokens_per_gpu,
-        model_config.vocab_size,
-        max_positions=getattr(model_config.get_text_config(), "max_position_embeddings", None),
-        drop_overlong=cfg.drop_overlong_samples,
-    )
+    data, val_data = load_data(cfg, model_config)
     if cfg.batch_size > len(data):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
@@ -278,23 +378,25 @@ def run_training(cfg: TrainConfig, dist, model_config):
     scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
     sampler = GlobalSampler(len(data), cfg.seed)
     settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
+    pad_id = model_config.pad_token_id or 0
+    validation = Validation(val_data, cfg, dist, pad_id, num_steps)
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
         f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
+        + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
     )
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with checkpoint.claimed_output_dir(cfg, dist) as out:
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
-        saver.last_saved_samples = state.samples_seen or None  # a resumed run does not save its start again
         out.record_launch(training_params(cfg, dist), state.step)
-        pad_id = model_config.pad_token_id or 0
-        train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, num_steps)
+        with saver.catching_preemption():
+            train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation)
 
 
-def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, num_steps):
-    """The loop: sample -> pack -> forward -> scale -> backward -> step -> log -> maybe save."""
+def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation):
+    """The loop: sample -> pack -> forward -> scale -> backward -> step -> log -> maybe validate -> maybe save."""
     import torch
 
     from batch_metrics import MetricsLog, step_metrics
@@ -302,7 +404,7 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
     from utils import all_reduce_sum
 
     start_step = state.step
-    metrics = MetricsLog(saver.output_dir, dist.is_main, num_steps)
+    metrics = MetricsLog(saver.output_dir, dist.is_main, saver.num_steps)
     with Prefetcher(
         data,
         sampler,
@@ -338,13 +440,36 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
                     device=dist.device,
                 )
             )
+            if validation.due(state.step):
+                validate(validation, model, optimizer, state, metrics, saver)
             if saver.maybe_save(model, optimizer, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
-            step_timer = Timer()  # after any save: a save is no part of the next step's time
+            step_timer = Timer()  # after any validation or save: neither is part of the next step's time
+    if validation.due(state.step, final=True):
+        validate(validation, model, optimizer, state, metrics, saver)
     saver.save_final(model, optimizer, state)
     if state.step == start_step:
         log(f"nothing to do: the run already reached step {state.step}")
     log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
+
+
+def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ()):
+    """Run `cfg` under torchrun with several processes on this machine (from a notebook or a sweep script): the
+    same config, as the CLI's flags. Raises UserError with the run's error line if it fails."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node), *torchrun_args]
+    argv.append(str(Path(__file__).resolve()))
+    for f in fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):  # switches: --x/--no-x (typer's default form where none is named)
+            on, _, off = (f.metadata["flags"] or (f"{flag}/--no-{flag[2:]}",))[0].partition("/")
+            argv += [on] if value else [off] if off else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        fail(errors[0].removeprefix("error: ") if errors else f"torchrun exited {r.returncode}: {r.stderr[-2000:]}")
+    return r
 
 
 def _cli_from_config(run):
