@@ -6,6 +6,7 @@ step, no padding and no dummy rows; `time_per_step` is the step's whole wall tim
 """
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -88,3 +89,109 @@ class MetricsLog:
             f"step {row['step']} | val_loss {row['val_loss']:.4f} | {row['val_num_loss_counted_tokens']:,} tokens "
             f"in {row['val_time']:.1f} s"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots: `python batch_metrics.py plot OUTPUT_DIR`, also while the run is still appending to the metrics file.
+
+PLOT_FILE = "training_curves.png"
+
+
+def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The training rows (those with `loss`) and the validation rows (`val_loss`) of a run's metrics file."""
+    output_dir = Path(output_dir)
+    path = output_dir / METRICS_FILE
+    if not output_dir.is_dir():
+        fail(f"{output_dir}: no such folder")
+    if not path.is_file():
+        fail(f"{path}: no such file (the run has not finished a step yet?)")
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        # A running trainer's last line may be half-written (a crashed one's too, until a resume trims it): skip it.
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    rows = [r for r in rows if isinstance(r, dict)]
+    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    if not train:
+        fail(f"{path}: no training steps yet")
+    return train, val
+
+
+def plot(output_dir: Path) -> Path:
+    """Draw loss and val_loss, lr, grad norm and tokens/s against steps into OUTPUT_DIR/training_curves.png."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state; PNGs render with Agg
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    except ImportError:
+        fail("plotting needs matplotlib: pip install matplotlib (or the plot extra: pip install -e '.[plot]')")
+    train, val = read_metrics(output_dir)
+    steps = [r["step"] for r in train]
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    (loss_ax, lr_ax), (norm_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    panels = [
+        (loss_ax, "loss", "loss (per-token cross-entropy)"),
+        (lr_ax, "lr", "learning rate"),
+        (norm_ax, "grad_norm", "gradient norm (before clipping)"),
+        (speed_ax, "tokens_per_second", "tokens / s"),
+    ]
+    for ax, key, title in panels:
+        ax.plot(steps, [r[key] for r in train], lw=1, label=key, marker="." if len(steps) < 50 else None)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    if val:
+        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", lw=1.5, label="val_loss")
+    # A loss or norm spanning a decade or more (a falling loss, a spiking norm) would flatten its late steps on a
+    # linear axis: log, ticked 1-2-5 in plain numbers.
+    for ax in (loss_ax, norm_ax):
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if min(ys) > 0 and max(ys) >= 10 * min(ys):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (norm_ax, speed_ax):
+        ax.set_xlabel("step")
+    # Epoch starts: a loss that drops at each one is the model memorising the data.
+    epoch_starts = [row["step"] for prev, row in zip(train, train[1:]) if int(row["epoch"]) > int(prev["epoch"])]
+    for ax, *_ in panels:
+        for i, step in enumerate(epoch_starts):
+            ax.axvline(step, color="0.5", lw=0.8, ls=":", label="new epoch" if i == 0 else None)
+    loss_ax.legend()
+    last = train[-1]
+    fig.suptitle(
+        f"{output_dir}: step {last['step']}, loss {last['loss']:.4f}"
+        + (f", val_loss {val[-1]['val_loss']:.4f} (step {val[-1]['step']})" if val else "")
+    )
+    out = Path(output_dir) / PLOT_FILE
+    tmp = out.with_name(f".{PLOT_FILE}.tmp-{os.getpid()}")
+    try:  # written whole, then renamed: an image viewer that reloads it never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {out}: {e.strerror or e}")
+    return out
+
+
+if __name__ == "__main__":
+    import typer
+
+    from utils import exit_on_user_error
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def cli():
+        """Tools for a run's metrics file (training_metrics_0.jsonl)."""
+
+    @app.command("plot")
+    @exit_on_user_error
+    def plot_command(output_dir: Path = typer.Argument(..., help="The run's --output-dir.")):
+        """Write OUTPUT_DIR/training_curves.png: loss and val_loss, lr, grad norm and tokens/s against steps. Works
+        while the run is in progress."""
+        print(f"wrote {plot(output_dir)}")
+
+    app()

@@ -1,6 +1,14 @@
-"""batch_metrics: the console's ETA leaves out the first step (compilation, warm-up)."""
+"""batch_metrics: the console's ETA leaves out the first step (compilation, warm-up); the plot of a metrics file,
+also while a run is writing it."""
 
-from batch_metrics import MetricsLog
+import json
+import struct
+
+import pytest
+
+from batch_metrics import MetricsLog, plot, read_metrics
+from conftest import ROOT, run_script
+from utils import UserError
 
 
 def test_eta_ignores_the_first_step(tmp_path, capsys):
@@ -11,3 +19,55 @@ def test_eta_ignores_the_first_step(tmp_path, capsys):
     log.write(base | {"step": 2, "time_per_step": 2.0})
     assert "ETA 0:03:18" in capsys.readouterr().out  # 99 steps x 2 s, not the mean with the 500 s step
     assert len((tmp_path / "training_metrics_0.jsonl").read_text().splitlines()) == 2
+
+
+def write_run(folder, steps=30, val_every=10, tail='{"step": 31, "epoch": 0, "lr": 0.00'):
+    """A metrics file as a run in progress leaves it: training rows, validation rows, a half-written last line."""
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for step in range(1, steps + 1):
+        loss = 8.0 * 0.9**step + 0.5
+        lines.append(
+            {"step": step, "epoch": step // 20, "lr": 1e-3 * min(1, step / 5), "loss": loss, "grad_norm": 4 / step}
+            | {"tokens_per_second": 3000.0 + step, "num_minibatches": 2, "time_per_step": 0.5}
+        )
+        if step % val_every == 0:
+            lines.append({"step": step, "val_loss": loss * 1.1, "val_num_loss_counted_tokens": 900, "val_time": 0.2})
+    (folder / "training_metrics_0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + tail)
+    return folder
+
+
+def test_plot_is_a_png_of_a_run_in_progress(tmp_path):
+    run = write_run(tmp_path / "run")
+    train, val = read_metrics(run)
+    assert [r["step"] for r in train] == list(range(1, 31)) and [r["step"] for r in val] == [10, 20, 30]
+    png = plot(run).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (1200, 750)  # 2x2 panels at 12 x 7.5 inches, 100 dpi
+    assert len(png) > 50_000  # four drawn panels, not a blank canvas (~100 KB)
+    assert sorted(p.name for p in run.iterdir()) == ["training_curves.png", "training_metrics_0.jsonl"]  # no temp
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d, r"no such folder"),
+        (lambda d: d.mkdir(), r"training_metrics_0.jsonl: no such file"),
+        (lambda d: write_run(d, steps=0), r"no training steps yet"),  # only the half-written line
+        (lambda d: write_run(d, steps=0, tail=json.dumps({"step": 5, "val_loss": 1.0}) + "\n"), r"no training steps"),
+    ],
+    ids=["no-folder", "no-file", "half-line-only", "validation-only"],
+)
+def test_plot_refuses_a_folder_without_training_rows(tmp_path, make, message):
+    make(tmp_path / "run")
+    with pytest.raises(UserError, match=message):
+        plot(tmp_path / "run")
+    assert not (tmp_path / "run" / "training_curves.png").exists()
+
+
+def test_plot_cli(tmp_path):
+    r = run_script(ROOT / "batch_metrics.py", "plot", write_run(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {tmp_path / 'run' / 'training_curves.png'}"
+    r = run_script(ROOT / "batch_metrics.py", "plot", tmp_path / "missing")
+    assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'missing'}: no such folder\n")
