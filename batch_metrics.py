@@ -5,9 +5,11 @@ Every count here is global (all ranks) and real: `num_total_tokens` counts the t
 step, no padding and no dummy rows; `time_per_step` is the step's whole wall time, waiting for data included.
 """
 
+import contextlib
 import json
 import os
 import resource
+import secrets
 import time
 from pathlib import Path
 
@@ -49,9 +51,9 @@ def step_metrics(*, step, batch, lr, loss, grad_norm, time_per_step, state, devi
 class MetricsLog:
     """Appends metrics to the JSONL (rank 0 only) and prints the console line with an ETA when the length is known."""
 
-    def __init__(self, output_dir: Path, is_main: bool, total_steps: int | None):
+    def __init__(self, output_dir: Path, is_main: bool, total_steps: int | None, trackers=None):
         self.path = Path(output_dir) / METRICS_FILE
-        self.is_main, self.total_steps = is_main, total_steps
+        self.is_main, self.total_steps, self.trackers = is_main, total_steps, trackers
         self.recent: list[float] = []  # step times after the first, for the ETA
         self.written = 0
 
@@ -61,6 +63,8 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk or a vanished folder: the user's to fix, so one line
             fail(f"cannot write {self.path}: {e.strerror or e}")
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def write(self, metrics: dict):
         if not self.is_main:
@@ -89,6 +93,81 @@ class MetricsLog:
             f"step {row['step']} | val_loss {row['val_loss']:.4f} | {row['val_num_loss_counted_tokens']:,} tokens "
             f"in {row['val_time']:.1f} s"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional experiment trackers: imported only when their flag is given
+
+
+def wandb_key_configured() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` puts it), checked without the network."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+@contextlib.contextmanager
+def tracking(cfg, output_dir: Path, params: dict, resumed_step: int, is_main: bool):
+    """The run's Trackers on rank 0 (None elsewhere or when no tracker is asked for), closed on any exit."""
+    trackers = (
+        Trackers(cfg, output_dir, params, resumed_step)
+        if is_main and (cfg.wandb_project or cfg.tensorboard_dir)
+        else None
+    )
+    failed = True
+    try:
+        yield trackers
+        failed = False
+    finally:
+        if trackers is not None:
+            trackers.close(failed)
+
+
+class Trackers:
+    """Every metrics row (training and validation) also goes to Weights & Biases (--wandb-project; offline when no
+    API key is configured) and/or TensorBoard (--tensorboard-dir). A resumed run continues the same wandb run (its
+    id is kept in output_dir/wandb/) and purges TensorBoard steps past the resume point."""
+
+    def __init__(self, cfg, output_dir: Path, params: dict, resumed_step: int):
+        self.wandb_run = self.writer = None
+        if cfg.wandb_project:
+            self.wandb_run = self._start_wandb(cfg.wandb_project, Path(output_dir), params)
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.tensorboard_dir, purge_step=resumed_step + 1 if resumed_step else None)
+
+    @staticmethod
+    def _start_wandb(project: str, output_dir: Path, params: dict):
+        import wandb
+
+        id_file = output_dir / "wandb" / "leantrain_run_id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
+        id_file.write_text(run_id + "\n")
+        if "WANDB_MODE" not in os.environ and not wandb_key_configured():
+            os.environ["WANDB_MODE"] = "offline"
+            log(f"wandb: no API key, logging offline to {output_dir / 'wandb'} (`wandb sync` uploads it later)")
+        return wandb.init(project=project, dir=output_dir, id=run_id, resume="allow", config=params)
+
+    def log(self, row: dict):
+        scalars = {k: v for k, v in row.items() if k not in ("step", "timestamp") and isinstance(v, (int, float))}
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=row["step"])
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self, failed: bool):
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

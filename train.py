@@ -6,6 +6,7 @@
 `python train.py ...` (no torchrun) runs as one process. Every flag is a field of `TrainConfig` below.
 """
 
+import importlib.util
 import inspect
 import math
 import platform
@@ -92,6 +93,11 @@ class TrainConfig:
         "Save a checkpoint whenever val_loss improves; pruning never deletes the best one.",
         ("--keep-best-checkpoint",),
     )
+    # experiment trackers (optional packages: pip install -e ".[trackers]")
+    wandb_project: str | None = option(
+        None, "Log every metric to this Weights & Biases project (offline, in output_dir/wandb, without an API key)."
+    )
+    tensorboard_dir: str | None = option(None, "Write every metric as TensorBoard scalars to this folder.")
     # OSFT (osft.py)
     osft: bool = option(
         False,
@@ -157,6 +163,9 @@ class TrainConfig:
         has_validation = self.validation_data_path is not None or self.validation_split is not None
         if (self.validation_frequency is not None or self.keep_best_checkpoint) and not has_validation:
             fail("--validation-frequency and --keep-best-checkpoint need --validation-data-path or --validation-split")
+        for flag, package in (("wandb_project", "wandb"), ("tensorboard_dir", "tensorboard")):
+            if getattr(self, flag) is not None and importlib.util.find_spec(package) is None:
+                fail(f"--{flag.replace('_', '-')} needs the {package} package: pip install -e '.[trackers]'")
         if self.osft and self.osft_unfreeze_rank_ratio is None:
             fail("--osft needs --osft-unfreeze-rank-ratio (the fraction of singular directions that train)")
         if not self.osft and (self.osft_unfreeze_rank_ratio is not None or self.osft_target_patterns is not None):
@@ -363,6 +372,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
 
     import checkpoint
     import setup_model
+    from batch_metrics import MetricsLog, tracking
     from sampler import GlobalSampler
 
     cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
@@ -390,21 +400,24 @@ def run_training(cfg: TrainConfig, dist, model_config):
     with checkpoint.claimed_output_dir(cfg, dist) as out:
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
-        out.record_launch(training_params(cfg, dist), state.step)
-        with saver.catching_preemption():
-            train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation)
+        params = training_params(cfg, dist)
+        out.record_launch(params, state.step)
+        with saver.catching_preemption(), tracking(cfg, out.path, params, state.step, dist.is_main) as trackers:
+            metrics = MetricsLog(out.path, dist.is_main, num_steps, trackers)
+            train_steps(
+                cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation, metrics
+            )
 
 
-def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation):
+def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation, metrics):
     """The loop: sample -> pack -> forward -> scale -> backward -> step -> log -> maybe validate -> maybe save."""
     import torch
 
-    from batch_metrics import MetricsLog, step_metrics
+    from batch_metrics import step_metrics
     from sampler import Prefetcher
     from utils import all_reduce_sum
 
     start_step = state.step
-    metrics = MetricsLog(saver.output_dir, dist.is_main, saver.num_steps)
     with Prefetcher(
         data,
         sampler,

@@ -1,0 +1,76 @@
+"""Optional trackers: a wandb offline run (no key, no network) and TensorBoard events hold every metric, val_loss
+included; a resumed run continues the same wandb run and TensorBoard drops the replayed steps."""
+
+import shutil
+import struct
+
+import pytest
+
+from conftest import tokenized_conversations
+from test_train import CAP_SMALL
+
+wandb = pytest.importorskip("wandb")
+pytest.importorskip("tensorboard")
+
+
+def wandb_history(run_file) -> list[dict]:
+    """History rows of an offline .wandb file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf, rows = run_file.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(i.nested_key) or i.key: float(i.value_json) for i in record.history.item})
+        elif length == 0:
+            break
+    return rows
+
+
+def test_wandb_offline_and_tensorboard_get_every_metric_and_continue_on_resume(qwen_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key anywhere
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = tokenized_conversations(tmp_path, qwen_dir, 30, seed=4, max_tokens=CAP_SMALL)
+    out, board = tmp_path / "run", tmp_path / "board"
+    argv = [
+        "--model-name-or-path", qwen_dir, "--data-path", data, "--output-dir", out, "--batch-size", 8,
+        "--max-tokens-per-gpu", CAP_SMALL, "--max-steps", 4, "--min-samples-per-checkpoint", 16,
+        "--validation-split", 0.2, "--validation-frequency", 2, "--wandb-project", "leantrain-test",
+        "--tensorboard-dir", board,
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    assert e.value.code in (0, None)
+    # Resume from step 2 as after a crash: steps 3 and 4 are replayed.
+    for kind in ("full_state", "hf_format"):
+        shutil.rmtree(out / kind / "samples_32")
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in [*argv, "--resume"]])
+    assert e.value.code in (0, None)
+
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    run_id = (out / "wandb" / "leantrain_run_id").read_text().strip()
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), "the resumed launch continues the run"
+    first = wandb_history(next(runs[0].glob("*.wandb")))
+    assert [row["_step"] for row in first if "loss" in row] == [1, 2, 3, 4]
+    assert all({"lr", "grad_norm", "tokens_per_second"} <= set(row) for row in first if "loss" in row)
+    assert any("val_loss" in row for row in first)
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert [s.step for s in events.Scalars("loss")] == [1, 2, 3, 4], "replayed steps are not doubled"
+    assert [s.step for s in events.Scalars("val_loss")] == [2, 4]
