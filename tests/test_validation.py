@@ -85,6 +85,8 @@ def test_val_loss_on_two_ranks_through_launch(qwen_dir, data_paths, tmp_path):
     check_val_rows(out, data_paths, [1, 2, 3, 4, 5])  # the default: every 10% of 5 steps
     params = json.loads((out / "training_params.json").read_text())
     assert params["world_size"] == 2 and params["keep_best_checkpoint"] is True
+    with pytest.raises(UserError, match="already holds a run"):  # the failed job's own error line
+        train.launch(cfg, nproc_per_node=2)
 
 
 def test_the_split_is_held_out_by_seed_and_errors_raise(qwen_dir, data_paths, tmp_path):
