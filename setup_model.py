@@ -202,6 +202,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_loss_sum(hidden, head, targets, transform, compiled=False):
     chunk_rows = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    if not torch.is_grad_enabled():  # validation: the loss alone, still a chunk at a time (no gradient work)
+        chunks = zip(hidden.split(chunk_rows), targets.split(chunk_rows))
+        zero = torch.zeros((), device=hidden.device)
+        return sum((F.cross_entropy(transform(head(h)).float(), t, reduction="sum") for h, t in chunks), zero)
     return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows, compiled)
 
 
