@@ -10,7 +10,9 @@ import json
 import os
 import resource
 import secrets
+import sys
 import time
+import weakref
 from pathlib import Path
 
 from utils import fail, format_duration, log
@@ -56,6 +58,14 @@ class MetricsLog:
         self.is_main, self.total_steps, self.trackers = is_main, total_steps, trackers
         self.recent: list[float] = []  # step times after the first, for the ETA
         self.written = 0
+        self.bar = None  # rank 0's progress bar in an interactive terminal, made at the first step (False: none)
+        self.stop_bar = lambda: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop_bar()  # on any exit: a live bar hides the cursor and holds stdout
 
     def append(self, row: dict):
         try:
@@ -76,13 +86,47 @@ class MetricsLog:
         eta = ""
         if self.total_steps:
             recent = self.recent or [metrics["time_per_step"]]
-            eta = f" | ETA {format_duration(sum(recent) / len(recent) * (self.total_steps - metrics['step']))}"
+            eta = format_duration(sum(recent) / len(recent) * (self.total_steps - metrics["step"]))
         of = f"/{self.total_steps}" if self.total_steps else ""
         log(
             f"step {metrics['step']}{of} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
             f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | "
-            f"{metrics['num_minibatches']} mb{eta}"
+            f"{metrics['num_minibatches']} mb" + (f" | ETA {eta}" if eta else "")
         )
+        self.advance_bar(metrics["step"], eta)
+
+    def advance_bar(self, step: int, eta: str):
+        """A bar under the console lines in an interactive terminal when the length is known. Logs that are not a
+        terminal (SLURM files, pipes) get the lines only: a bar there is one more line per refresh."""
+        if self.bar is None:  # decided at the first step
+            self.bar = False
+            if not (self.total_steps and sys.stdout.isatty()):
+                return
+            from rich.errors import LiveError
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            bar = Progress(
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps | ETA {task.fields[eta]}"),
+                auto_refresh=False,  # redrawn at each step: no refresh thread
+                transient=True,
+                # What prints to the terminal goes above the bar; stderr sent elsewhere (2>file) stays there.
+                redirect_stderr=sys.stderr.isatty(),
+            )
+            self.task = bar.add_task("", total=self.total_steps, completed=step, eta=eta)
+            try:
+                bar.start()
+            except LiveError:  # a bar an earlier run in this process left live: the lines only
+                return
+            self.bar = bar
+            # Also stopped at interpreter exit, or when a MetricsLog left unclosed is dropped.
+            self.stop_bar = weakref.finalize(self, bar.stop)
+        if self.bar:
+            self.bar.update(self.task, completed=step, eta=eta)
+            self.bar.refresh()
+            if step >= self.total_steps:
+                self.stop_bar()
 
     def write_validation(self, row: dict):
         """A validation row of its own (no `loss` key: training rows are exactly those with one)."""

@@ -1,8 +1,11 @@
-"""batch_metrics: the console's ETA leaves out the first step (compilation, warm-up); the plot of a metrics file,
-also while a run is writing it."""
+"""batch_metrics: the console's ETA leaves out the first step (compilation, warm-up); a progress bar only in a
+terminal, stopped on any exit; the plot of a metrics file, also while a run is writing it."""
 
+import io
 import json
+import re
 import struct
+import sys
 
 import pytest
 
@@ -71,3 +74,49 @@ def test_plot_cli(tmp_path):
     assert r.stdout.strip() == f"wrote {tmp_path / 'run' / 'training_curves.png'}"
     r = run_script(ROOT / "batch_metrics.py", "plot", tmp_path / "missing")
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'missing'}: no such folder\n")
+
+
+STEP = dict(loss=1.0, grad_norm=1.0, lr=1e-3, tokens_per_second=1.0, num_minibatches=1, time_per_step=0.5)
+
+
+class Terminal(io.StringIO):
+    """stdout as an interactive terminal."""
+
+    def isatty(self):
+        return True
+
+
+def cursor_shown_again(out):
+    """The bar hid the terminal's cursor while it ran, and showed it again when it stopped."""
+    return out.count("\x1b[?25l") == 1 and out.index("\x1b[?25l") < out.rindex("━") < out.index("\x1b[?25h")
+
+
+def test_no_progress_bar_outside_a_terminal(tmp_path, capsys):
+    with MetricsLog(tmp_path, is_main=True, total_steps=3) as log:
+        for step in (1, 2, 3):
+            log.write(STEP | {"step": step})
+    out = capsys.readouterr().out  # a pipe or a SLURM log file: no terminal
+    assert [line.split(" | ")[0] for line in out.splitlines()] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "━" not in out and "\x1b" not in out
+
+
+def test_progress_bar_in_a_terminal_stops_at_the_end_and_on_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    log = MetricsLog(tmp_path, is_main=True, total_steps=2)
+    log.write(STEP | {"step": 1})
+    assert sys.stdout is not term  # rich holds stdout while the bar runs: prints go above it
+    log.write(STEP | {"step": 2})
+    assert sys.stdout is term and cursor_shown_again(term.getvalue())  # the last step stops it
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.getvalue())  # without colours and cursor moves
+    assert "step 1/2 | loss 1.0000" in out and "step 2/2 | loss" in out and "━ 1/2 steps | ETA 0:00:00" in out
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    with pytest.raises(RuntimeError), MetricsLog(tmp_path, is_main=True, total_steps=10) as log:
+        log.write(STEP | {"step": 1})
+        log.write(STEP | {"step": 2})
+        raise RuntimeError("the run fails at step 3")
+    assert sys.stdout is term and cursor_shown_again(term.getvalue())
+    assert "━  2/10 steps | ETA 0:00:04" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.getvalue())
