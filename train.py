@@ -402,8 +402,11 @@ def run_training(cfg: TrainConfig, dist, model_config):
         state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
         params = training_params(cfg, dist)
         out.record_launch(params, state.step)
-        with saver.catching_preemption(), tracking(cfg, out.path, params, state.step, dist.is_main) as trackers:
-            metrics = MetricsLog(out.path, dist.is_main, num_steps, trackers)
+        with (
+            saver.catching_preemption(),
+            tracking(cfg, out.path, params, state.step, dist.is_main) as trackers,
+            MetricsLog(out.path, dist.is_main, num_steps, trackers) as metrics,  # its progress bar stops on any exit
+        ):
             train_steps(
                 cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation, metrics
             )
