@@ -77,10 +77,10 @@ def forgetting(ratio: list[float] = [0.25], steps_a: int = 300, steps_b: int = 1
         print("| run on task B | task-A loss after | rise (forgetting) | task-B loss reached |")
         print("|---|---|---|---|")
         rises = {}
-        for name, extra in (
-            ("full fine-tuning", ()),
-            (f"OSFT r={ratio}", ("--osft", "--osft-unfreeze-rank-ratio", ratio)),
-        ):
+        runs = [("full fine-tuning", ())] + [
+            (f"OSFT r={r}", ("--osft", "--osft-unfreeze-rank-ratio", r)) for r in ratio
+        ]
+        for name, extra in runs:
             out = tmp / name.replace(" ", "_")
             train(model_a, task_b, out, steps_b, "--learning-rate", lr, *extra)
             a_after, b_after = loss_on(last_hf(out), task_a, tmp), loss_on(last_hf(out), task_b, tmp)
