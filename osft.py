@@ -83,15 +83,26 @@ class OSFTLinear(nn.Module):
                 getattr(module, name).copy_(value)
         return module
 
-    def forward(self, x):
+    def factors(self):
+        """(U S) and V of the whole weight, W = (U S) V^T, with the trainable factors' gradients projected."""
         u = _ProjectOut.apply(self.u, self.u_frozen)
         v = _ProjectOut.apply(self.v, self.v_frozen)
-        us = torch.cat([self.u_frozen * self.s_frozen, u * self.s], dim=1)  # N x R
-        vs = torch.cat([self.v_frozen, v], dim=1)  # M x R
+        return torch.cat([self.u_frozen * self.s_frozen, u * self.s], dim=1), torch.cat([self.v_frozen, v], dim=1)
+
+    def forward(self, x):
+        us, vs = self.factors()  # N x R, M x R
         tokens, (n, m, r) = x.numel() // self.in_features, (self.out_features, self.in_features, us.shape[1])
-        if n * m * r + tokens * n * m <= tokens * r * (n + m):  # rebuild W once, then one matmul per token
-            return F.linear(x, us @ vs.T, self.bias)
-        return F.linear(F.linear(x, vs.T), us, self.bias)  # through the factors: cheaper for few tokens
+        if n * m * r + tokens * n * m <= tokens * r * (n + m):  # fewer FLOPs (measured: docs/BENCHMARKS.md)
+            return self.through_dense(x, us, vs)
+        return self.through_factors(x, us, vs)
+
+    def through_dense(self, x, us, vs):
+        """Rebuild W once, then one matmul per token: cheaper for many tokens."""
+        return F.linear(x, us @ vs.T, self.bias)
+
+    def through_factors(self, x, us, vs):
+        """Two thin matmuls per token: cheaper for a few tokens."""
+        return F.linear(F.linear(x, vs.T), us, self.bias)
 
 
 def parse_targets(patterns: str | None) -> tuple[tuple[str, ...], bool]:

@@ -109,5 +109,40 @@ def cost(hidden: int = 768, layers: int = 12, intermediate: int = 2048, ratio: f
             print(f"| {name} | {step_time:.2f} | {rows[-1]['peak_memory_gb']:.2f} | {svd.group(0) if svd else '-'} |")
 
 
+@app.command()
+def paths(out_features: int = 4864, in_features: int = 896, ratio: float = 0.25, repeats: int = 5):
+    """Forward + backward time of one OSFT target through the rebuilt dense weight and through the factors, next
+    to a plain Linear, for a few token counts: where the FLOP rule in OSFTLinear.forward switches."""
+    import time
+
+    import torch
+    from torch import nn
+
+    import osft
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    module = osft.OSFTLinear.from_linear(linear, int((1 - ratio) * min(out_features, in_features)))
+
+    def seconds(fn, x):
+        fn(x).sum().backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(x).sum().backward()
+        return (time.perf_counter() - start) / repeats
+
+    print(
+        f"| tokens | plain Linear (ms) | OSFT dense (ms) | OSFT factors (ms) | rule picks |  ({out_features}x{in_features}, r={ratio})"
+    )
+    print("|---|---|---|---|---|")
+    for tokens in (16, 128, 1024, 8192):
+        x = torch.randn(tokens, in_features)
+        dense = seconds(lambda x: module.through_dense(x, *module.factors()), x)
+        factored = seconds(lambda x: module.through_factors(x, *module.factors()), x)
+        n, m, r = out_features, in_features, min(out_features, in_features)
+        pick = "dense" if n * m * r + tokens * n * m <= tokens * r * (n + m) else "factors"
+        print(f"| {tokens} | {1e3 * seconds(linear, x):.1f} | {1e3 * dense:.1f} | {1e3 * factored:.1f} | {pick} |")
+
+
 if __name__ == "__main__":
     app()
