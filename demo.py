@@ -111,7 +111,9 @@ def main(
     before = generate_answers(model_dir, prompts)
 
     # `python -m torch.distributed.run` is `torchrun`, from the demo's own interpreter.
-    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", 2, "train.py", "--model-name-or-path", model_dir]
+    # --standalone: a free rendezvous port, so a second demo (or any torchrun) running meanwhile cannot join this one.
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "train.py"]
+    cmd += ["--model-name-or-path", model_dir]
     cmd += ["--data-path", out_dir / "train.jsonl", "--validation-data-path", out_dir / "heldout.jsonl"]
     cmd += ["--output-dir", out_dir / "train", "--batch-size", 64, "--max-tokens-per-gpu", 4096, "--max-epochs", epochs]
     run(*cmd, "--learning-rate", 3e-3, "--lr-scheduler", "cosine", "--num-warmup-steps", 10)
