@@ -1,4 +1,4 @@
-"""The demo: the built-in tiny model learns a task you can ask it about, in about three minutes on 2 CPU cores.
+"""The demo: the built-in tiny model learns a task you can ask it about, in under two minutes on 2 CPU cores.
 
     python demo.py [--out-dir DIR]        (or ./dev.sh demo, which sets up .venv/ first)
 
