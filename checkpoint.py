@@ -610,8 +610,9 @@ class Saver:
             mine = agreed(write, tmp)  # the files this rank wrote
             timer = Timer()
             hashes = agreed(hash_files, tmp, mine)
-            seconds = max(gather_objects(timer.elapsed()))
-            everyone = {k: v for h in gather_objects(hashes) for k, v in h.items()}
+            gathered = gather_objects((hashes, timer.elapsed()))  # one collective: every rank's hashes and time
+            seconds = max(t for _, t in gathered)
+            everyone = {k: v for h, _ in gathered for k, v in h.items()}
             agreed(lambda: self.dist.is_main and (write_manifest(tmp, everyone), publish(tmp, root / name)))
         except UserError as e:
             if self.dist.is_main:

@@ -276,7 +276,15 @@ class Validation:
     the training loss, without gradients. Due every `every` steps and at the end."""
 
     def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None):
-        self.data, self.dist, self.pad_id, self.capacity = data, dist, pad_id, cfg.max_tokens_per_gpu
+        from sampler import pack_minibatches
+
+        self.data, self.dist, self.pad_id = data, dist, pad_id
+        # The held-out set never changes: pack it once, this rank's minibatches of sample indices.
+        self.plan = (
+            pack_minibatches(data.lengths, cfg.max_tokens_per_gpu, dist.world_size)[dist.rank]
+            if data is not None
+            else []
+        )
         self.every = cfg.validation_frequency or (math.ceil(num_steps / 10) if num_steps else None)
         self.last_step = None
 
@@ -289,15 +297,14 @@ class Validation:
         import torch
 
         import setup_model
-        from sampler import collate, pack_minibatches
+        from sampler import collate
         from utils import all_reduce_sum
 
         timer, device = Timer(), self.dist.device
-        plan = pack_minibatches(self.data.lengths, self.capacity, self.dist.world_size)[self.dist.rank]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         model.eval()
         with torch.no_grad():
-            for indices in plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
+            for indices in self.plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
                 loss_sum += forward_loss_sum(model, collate(self.data, indices, self.pad_id), device)
         model.train()
         setup_model.reshard(model)  # a no-grad forward leaves FSDP's root gathered: the optimizer needs the shards
