@@ -1,7 +1,7 @@
 """Small shared helpers: one-line user errors, rank-0 logging, and every torch.distributed call of the trainer.
 
 Keeping all collectives here makes the distributed surface of leantrain readable in one screen: init, the
-two reductions the loop needs (a sum and an agreement), a barrier, gathering small objects (checkpoint hashes,
+two reductions the loop needs (a sum and an agreement), gathering small objects (checkpoint hashes,
 errors every rank must stop on), and the weight broadcast at load time.
 """
 
@@ -144,10 +144,9 @@ def init_distributed():
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum a few float64 scalars over ranks (loss sums and counters), returned as Python floats."""
     import torch
-    import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    all_reduce_sum_(t)
     return t.tolist()
 
 
@@ -167,12 +166,6 @@ def any_rank(flag: bool, device) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def barrier():
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 def gather_objects(obj) -> list:
