@@ -222,33 +222,79 @@ def liger_loss_sum(hidden, head, targets, transform, compiled=False):
 HEAD_LOSSES = {"chunked": chunked_loss_sum, "liger": liger_loss_sum}
 
 
+def body(lm: nn.Module) -> nn.Module:
+    """The causal LM without its head (embeddings, layers, final norm): `lm.base_model` for nearly all, and the one
+    pretrained-model child where the prefix names no attribute (Llama 4's text model sits at `model`)."""
+    from transformers import PreTrainedModel
+
+    if lm.base_model is not lm:
+        return lm.base_model
+    children = [m for m in lm.children() if isinstance(m, PreTrainedModel)]
+    if len(children) != 1:
+        fail(f"cannot find the body (embeddings and layers) of {type(lm).__name__}")
+    return children[0]
+
+
+def padded_batch(input_ids, position_ids, cu_seq_lens_host, max_length: int):
+    """A packed row's sequences as a right-padded batch, one sequence per row, with an attention mask: for models
+    whose outputs mix the sequences of a packed row (the setup probe finds them). Also returns the index that puts
+    a [sequences, longest, dim] output back in row order, [tokens, dim]. Built on the CPU from the host copy of the
+    boundaries."""
+    starts, lengths = cu_seq_lens_host[:-1].long(), cu_seq_lens_host.diff().long()
+    cols = torch.arange(max_length)
+    mask = cols[None, :] < lengths[:, None]
+    gather = torch.where(mask, starts[:, None] + cols[None, :], 0)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    local = torch.arange(int(cu_seq_lens_host[-1])) - starts[seq]
+    to = dict(device=input_ids.device, non_blocking=True)
+    gather = gather.to(**to)
+    inputs = dict(input_ids=input_ids[0, gather], position_ids=position_ids[0, gather], use_cache=False)
+    return inputs | dict(attention_mask=mask.long().to(**to)), (seq.to(**to), local.to(**to))
+
+
 class LossModel(nn.Module):
-    """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets."""
+    """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets.
+    `padded`: run the row's sequences as a padded batch instead of one packed row (exact for models that mix the
+    sequences of a packed row, and slower)."""
 
     def __init__(self, lm: nn.Module, loss: str, transform: LogitTransform, compiled: bool = False):
         super().__init__()
         self.lm, self.loss, self.transform, self.compiled = lm, loss, transform, compiled
+        self.padded = False
 
     def forward(
         self, input_ids, position_ids, cu_seq_lens, cu_seq_lens_host, max_length, target_index, target_ids=None
     ):
         """target_index: positions of the row that have a target, target_ids: those targets. Without target_ids
         (the setup probe), returns the model's own logits and the head-and-transform logits at target_index."""
-        packing = dict(
-            cu_seq_lens_q=cu_seq_lens,
-            cu_seq_lens_k=cu_seq_lens,
-            max_length_q=max_length,
-            max_length_k=max_length,
-            leantrain_cu_seq_lens_host=cu_seq_lens_host,  # a tensor, not a list: compiled layers need no guard on it
-        )
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packing)
+        if self.padded:
+            inputs, row_order = padded_batch(input_ids, position_ids, cu_seq_lens_host, max_length)
+            keep = 0  # every position's logits: each sequence has its own targets
+        else:
+            inputs = dict(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                cu_seq_lens_q=cu_seq_lens,
+                cu_seq_lens_k=cu_seq_lens,
+                max_length_q=max_length,
+                max_length_k=max_length,
+                leantrain_cu_seq_lens_host=cu_seq_lens_host,  # a tensor, not a list: compiled layers need no guard
+            )
+            keep, row_order = target_index, None
+
+        def at_targets(x, selected=False):  # a [1, T, dim] or [sequences, longest, dim] output -> [K, dim]
+            if row_order is not None:
+                return x[row_order][target_index]
+            return x[0] if selected else x[0, target_index]
+
         if self.loss == "model" or target_ids is None:
-            logits = self.lm(**inputs, logits_to_keep=target_index).logits[0]
+            logits = at_targets(self.lm(**inputs, logits_to_keep=keep).logits, selected=True)
             if target_ids is None:
-                hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
+                hidden = at_targets(body(self.lm)(**inputs).last_hidden_state)
                 return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())
             return F.cross_entropy(logits.float(), target_ids, reduction="sum")
-        hidden = self.lm.base_model(**inputs).last_hidden_state[0, target_index]
+        hidden = at_targets(body(self.lm)(**inputs).last_hidden_state)
         return HEAD_LOSSES[self.loss](
             hidden, self.lm.get_output_embeddings(), target_ids, self.transform, self.compiled
         )
@@ -281,13 +327,13 @@ def check_model_path(path: str):
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the FSDP, compile and activation-checkpointing unit) of a HF causal LM:
-    `model.layers` for most, `transformer.h` (GPT-2), `gpt_neox.layers`..."""
-    base = lm.base_model
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if layers is None:
+    """The repeated blocks (the FSDP, compile and activation-checkpointing unit) of a HF causal LM: the ModuleList
+    that holds most of its parameters (`model.layers` for most, `transformer.h` for GPT-2, `model.decoder.layers`
+    for OPT, `backbone.layers` for Mamba...; a hybrid's mixed layer types included)."""
+    lists = [m for m in body(lm).modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
         fail(f"cannot find the decoder layers of {type(lm).__name__}")
-    return list(layers)
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 def load_model(cfg, dist, config, attn_implementation: str):
@@ -312,11 +358,42 @@ def load_model(cfg, dist, config, attn_implementation: str):
     return lm
 
 
+def model_class(config):
+    """The causal-LM class transformers builds for this config (None where it has none registered here)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def takes_attention_functions(config) -> bool:
+    """Whether the model calls its attention through transformers' AttentionInterface, which is how leantrain's
+    attention functions (and flash_attention_2) reach it. Older designs (Falcon, Bloom, MPT, Mamba...) do not."""
+    cls = model_class(config)
+    return cls is None or bool(getattr(cls, "_supports_attention_backend", True))
+
+
+def own_attention(config) -> str:
+    """The model's own attention: sdpa where it has one, else eager."""
+    cls = model_class(config)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
+
 def choose_attention(cfg, dist, config) -> str:
     """`auto`: flash-attn's varlen kernel if installed (CUDA), else torch's varlen kernel (CUDA, bf16/fp16, no
-    attention soft-capping), else per-sequence attention. A named implementation is used as given."""
+    attention soft-capping), else per-sequence attention; for a model that takes no attention functions, its own
+    sdpa. A named implementation is used as given."""
     if cfg.attn_implementation != "auto":
+        if cfg.attn_implementation in (VARLEN, PER_SEQUENCE) and not takes_attention_functions(config):
+            fail(
+                f"--attn-implementation {cfg.attn_implementation}: {config.model_type} models take no attention "
+                "functions; use --attn-implementation auto, sdpa or eager"
+            )
         return cfg.attn_implementation
+    if not takes_attention_functions(config):
+        return own_attention(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if dist.device.type == "cuda":
         try:
@@ -356,22 +433,24 @@ def compile_layers(lm):
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
-def probe_minibatch(vocab_size: int):
-    """A tiny packed row of two random sequences (5 and 3 tokens), through the real collator."""
+def probe_rows(vocab_size: int):
+    """Two tiny packed rows holding the same two random sequences (12 and 9 tokens), one in each order, through the
+    real collator."""
     import numpy as np
 
     from sampler import TokenizedData, collate
 
-    ids = np.random.default_rng(0).integers(0, vocab_size, 8).astype(np.int32)
+    lengths = [12, 9]
+    ids = np.random.default_rng(0).integers(0, vocab_size, sum(lengths)).astype(np.int32)
     data = TokenizedData(
         input_ids=ids,
         labels=ids.copy(),
-        position_ids=np.array([0, 1, 2, 3, 4, 0, 1, 2], dtype=np.int32),
-        offsets=np.array([0, 5, 8]),
-        num_loss_counted_tokens=np.array([4, 2]),
+        position_ids=np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
+        offsets=np.array([0, lengths[0], sum(lengths)]),
+        num_loss_counted_tokens=np.array([n - 1 for n in lengths]),
         source_lines=np.array([1, 2]),
     )
-    return collate(data, [0, 1])
+    return collate(data, [0, 1]), collate(data, [1, 0])
 
 
 def reshard(model):
@@ -384,27 +463,83 @@ def reshard(model):
             module.reshard()
 
 
-def probe_model(model, cfg, dist, vocab_size: int, requested: tuple[str, str]):
-    """One forward of a tiny packed row before training, for what cannot be known in advance. The attention
-    function must get what it needs: else `auto` falls back to eager (transformers' own, masks from position_ids)
-    and a named implementation fails. chunked and liger, which apply the LM head and the logit transform
-    themselves, must match the model's own logits: else `auto` falls back to the model's own forward and a named
-    loss fails. `requested` is the (attention, loss) the user asked for."""
-    batch = probe_minibatch(vocab_size).inputs(dist.device) | {"target_ids": None}
-    try:
+def probe_forwards(model, rows) -> list[tuple]:
+    """(the model's own logits, the loss path's logits) at the targets of each probe row."""
+    outputs = []
+    for row in rows:
         with torch.no_grad():
-            own, ours = model(**batch)
+            own, ours = model(**row)
+        reshard(model)
+        outputs.append((own.float(), ours))
+    return outputs
+
+
+def mixing(outputs) -> float:
+    """How far each sequence's logits move when the two probe sequences swap places in the row, relative to the
+    largest logit. Both rows have the same shapes and so run the same kernels: a model that keeps the sequences of a
+    packed row apart scores ~0; one that leaks across them, or counts positions along the row, does not."""
+    (ab, _), (ba, _) = outputs
+    first, second = 11, 8  # targets of the 12- and the 9-token sequence
+    moved = torch.cat([ab[:first] - ba[second:], ab[first:] - ba[:second]]).abs().max()
+    return float(moved / ab.abs().max().clamp(min=1e-6))
+
+
+MIXING_TOLERANCE = 1e-3
+
+
+def check_rows(model, rows) -> tuple[list | None, str | None]:
+    """(probe outputs, None) if the model runs the probe rows and keeps their two sequences apart, else (None, what
+    goes wrong). An attention function that refuses the model raises AttentionNotSupported."""
+    try:
+        outputs = probe_forwards(model, rows)
+    except AttentionNotSupported:
+        raise
+    except Exception as e:  # e.g. transformers refusing packed rows for a layer type it cannot split
+        reshard(model)
+        return None, f"fails ({first_line(e)})"
+    if (moved := mixing(outputs)) > MIXING_TOLERANCE:
+        return None, f"mixes the two sequences (their logits move {moved:.1e} when they swap places)"
+    return outputs, None
+
+
+def use_attention(model, cfg, name: str):
+    cfg.attn_implementation = name
+    model.lm.set_attn_implementation(name)
+
+
+def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
+    """Forwards of two tiny packed rows before training, for what cannot be known in advance (`requested` is the
+    (attention, loss) the user asked for; `auto` falls back, a named choice that cannot be kept fails):
+    - the attention function must get what it needs, else eager (transformers' own, masks from position_ids);
+    - the model must keep the sequences of a packed row apart (Mamba's convolutions and state, Falcon's masks,
+      positions counted along the row do not), else each minibatch runs as a padded batch, one sequence per row;
+    - chunked and liger, which apply the LM head and the logit transform themselves, must match the model's own
+      logits, else the model's own forward computes the loss."""
+    rows = [mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(config.get_text_config().vocab_size)]
+    name = type(model.lm).__name__
+    model.eval()  # no dropout: the checks compare forwards
+    try:
+        outputs, problem = check_rows(model, rows)
     except AttentionNotSupported as e:
         reshard(model)
         if requested[0] != "auto":
             fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
         log(f"attention {cfg.attn_implementation}: {e}; using eager")
-        cfg.attn_implementation = "eager"
-        model.lm.set_attn_implementation("eager")
-        with torch.no_grad():
-            own, ours = model(**batch)
-    reshard(model)
-    own = own.float()
+        use_attention(model, cfg, "eager")
+        outputs, problem = check_rows(model, rows)
+    if problem:
+        message = f"{name} on a packed row {problem}"
+        if cfg.attn_implementation in (VARLEN, PER_SEQUENCE):
+            if requested[0] != "auto":
+                fail(f"--attn-implementation {cfg.attn_implementation}: {message}; use --attn-implementation auto")
+            use_attention(model, cfg, own_attention(config))
+        log(f"packing: {message}; training on padded batches instead, attention {cfg.attn_implementation} (slower)")
+        model.padded = True
+        outputs, problem = check_rows(model, rows)
+        if problem:
+            fail(f"--model-name-or-path {cfg.model_name_or_path}: {name} on a padded batch {problem}")
+    model.train()
+    own, ours = outputs[0]
     if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=2e-2 * float(own.abs().max()) + 1e-4):
         return
     message = f"the model's logits are not its LM head's output under {model.transform}"
@@ -455,7 +590,7 @@ def setup_model(cfg, dist, config) -> LossModel:
         set_model_state_dict(model, full_state or {}, options=options)
         broadcast_buffers(model)
     model.train()
-    probe_model(model, cfg, dist, config.get_text_config().vocab_size, requested)
+    probe_model(model, cfg, dist, config, requested)
     log(
         f"model: {type(lm).__name__}, {num_params / 1e6:.1f}M "
         f"parameters, attention {cfg.attn_implementation}, loss {cfg.loss}, compile {'on' if cfg.compile else 'off'}, "

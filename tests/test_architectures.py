@@ -1,10 +1,13 @@
-"""Ten tiny random Hugging Face architectures beyond Qwen2/Llama, each trained on 2 ranks with many minibatches
+"""Fifteen tiny random Hugging Face architectures beyond Qwen2/Llama, each trained on 2 ranks with many minibatches
 through every attention and loss path this machine has, equal to an unpacked per-sample reference (the model's
 own eager attention and own loss: loss and grad norm rel 1e-4). They cover attention and final-logit soft-capping,
 Granite's multipliers, Cohere's logit scale, QK-norm, sliding windows shorter than the samples, mixtures of
-experts, tied embeddings, fused QKV and decoder layers that are not at `model.layers`."""
+experts, tied embeddings, fused QKV, decoder layers that are not at `model.layers`, and models that mix the
+sequences of a packed row (recurrent state, convolutions, masks of their own), which leantrain finds and trains
+on padded batches."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -34,7 +37,14 @@ ARCHS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "gpt_neox": dict(rotary_pct=0.5),  # layers at gpt_neox.layers
     "phi3": dict(),  # fused qkv_proj
+    # Models that mix the sequences of a packed row: leantrain runs them as padded batches (found by the setup probe)
+    "falcon": dict(),  # no attention functions (its own sdpa), masks that ignore position_ids
+    "minimax": dict(),  # linear-attention layers with a state along the row, beside softmax attention
+    "mamba": dict(state_size=4),  # convolutions and a state along the row; layers at backbone.layers
+    "opt": dict(dropout=0.0),  # layers at model.decoder.layers
+    "llama4_text": dict(num_local_experts=4),  # the body at `model` while the prefix says `language_model`
 }
+PADDED = {"falcon": "sdpa", "minimax": "sdpa", "mamba": "eager"}  # and the attention each then runs
 # Every path of leantrain's own on the CPU (on a GPU, tests/test_gpu.py adds the varlen and Liger paths).
 PATHS = [(setup_model.PER_SEQUENCE, "chunked"), (setup_model.PER_SEQUENCE, "model")]
 
@@ -79,13 +89,18 @@ def test_architectures_equal_unpacked_reference(attn, loss, arch_models, arch_da
     config = dict(data_path=str(arch_data), batch_size=BATCH, max_tokens_per_gpu=CAP_SMALL, max_steps=STEPS)
     config |= dict(learning_rate=LR, seed=3, attn_implementation=attn, loss=loss, save_final_checkpoint=False)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"models": arch_models, "output_root": str(tmp_path), "config": config}))
+    overrides = {name: {"attn_implementation": "auto"} for name in PADDED}  # they take no packed-row attention
+    spec.write_text(
+        json.dumps({"models": arch_models, "output_root": str(tmp_path), "config": config} | {"overrides": overrides})
+    )
     r = torchrun(ROOT / "tests" / "train_many.py", spec, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    padded = sorted(re.findall(r"packing: (\w+) on a packed row .* training on padded batches", r.stdout))
+    assert padded == ["FalconForCausalLM", "MambaForCausalLM", "MiniMaxForCausalLM"]
     for name in arch_models:
         metrics = [json.loads(line) for line in open(tmp_path / name / "training_metrics_0.jsonl")]
         params = json.loads((tmp_path / name / "training_params.json").read_text())
-        assert (params["attn_implementation"], params["loss"]) == (attn, loss), name
+        assert (params["attn_implementation"], params["loss"]) == (PADDED.get(name, attn), loss), name
         assert all(m["num_minibatches"] >= 2 for m in metrics), name
         ref_losses, ref_norms = references[name]
         for m, ref_loss, ref_norm in zip(metrics, ref_losses, ref_norms, strict=True):

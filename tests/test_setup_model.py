@@ -180,3 +180,126 @@ def test_unusable_schedules_fail_before_any_heavy_work(flags, message):
         setup_model.check_scheduler(cfg)
     cfg.lr_scheduler, cfg.max_steps = "cosine", 5
     setup_model.check_scheduler(cfg)
+
+
+# --- models that mix the sequences of a packed row -------------------------------------------------------------
+
+
+def save_arch(tmp_path, model_type, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    import tiny_model
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_model.arch_config(model_type, **overrides)).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def per_sample_loss(model_dir, qwen_data, n=5):
+    """The model's own forward, one sample at a time, eval mode: summed loss over the first n samples."""
+    from transformers import AutoModelForCausalLM
+
+    from sampler import collate, load_tokenized
+
+    data = load_tokenized(qwen_data, 10_000)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            mb = collate(data, [i])
+            logits = lm(input_ids=mb.input_ids, use_cache=False).logits[0, mb.target_index]
+            total += F.cross_entropy(logits, mb.target_ids, reduction="sum").item()
+    return total
+
+
+def test_padded_batch_puts_outputs_back_in_row_order():
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    row = torch.arange(100, 109)[None]
+    positions = torch.tensor([[0, 1, 2, 0, 0, 1, 2, 3, 4]])
+    inputs, row_order = setup_model.padded_batch(row, positions, cu, max_length=5)
+    assert inputs["input_ids"].tolist() == [[100, 101, 102, 100, 100], [103] + [100] * 4, [104, 105, 106, 107, 108]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1] * 5]
+    assert inputs["position_ids"][2].tolist() == [0, 1, 2, 3, 4]
+    assert inputs["input_ids"][row_order].tolist() == row[0].tolist()
+
+
+@pytest.mark.parametrize("model_type, attention", [("falcon", "sdpa"), ("mamba", "eager")])
+def test_a_model_that_mixes_packed_sequences_trains_on_padded_batches(
+    model_type, attention, tmp_path, qwen_data, dist, capsys
+):
+    """Falcon (no attention functions, masks of its own) and Mamba (convolution and state along the row) leak across
+    the sequences of a packed row: the probe finds it, switches to padded batches, and the loss equals separate
+    per-sample forwards. A named packed-row attention stops with one line."""
+    model_dir = save_arch(tmp_path, model_type, **({"state_size": 4} if model_type == "mamba" else {}))
+    model, cfg = setup(model_dir, dist)
+    assert model.padded and cfg.attn_implementation == attention and cfg.loss == "chunked"
+    assert f"packing: {type(model.lm).__name__} on a packed row mixes the two sequences" in capsys.readouterr().out
+    model.eval()
+    with torch.no_grad():
+        padded = packed_loss(model, qwen_data).item()
+        model.padded = False
+        packed = packed_loss(model, qwen_data).item()
+    reference = per_sample_loss(model_dir, qwen_data)
+    assert padded == pytest.approx(reference, rel=1e-5)
+    assert packed != pytest.approx(reference, rel=1e-5)  # what training on packed rows would have computed
+    if model_type == "falcon":
+        with pytest.raises(
+            setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: falcon models"
+        ):
+            setup(model_dir, dist, attn_implementation="leantrain_per_sequence")
+
+
+def test_a_model_that_refuses_packed_rows_trains_on_padded_batches(qwen_dir, qwen_data, dist, monkeypatch, capsys):
+    """An error from the model on a packed row (as transformers raises for linear-attention layers it cannot split
+    without flash-linear-attention): auto trains on padded batches, with the same loss as packed rows would give a
+    model that keeps them apart."""
+    reference, _ = setup(qwen_dir, dist)
+    with torch.no_grad():
+        expected = packed_loss(reference, qwen_data).item()
+    attend = setup_model.per_sequence_attention
+
+    def refuse_packed(module, query, *args, **kwargs):
+        if len(kwargs.get("leantrain_cu_seq_lens_host", [])) > 2:
+            raise ValueError("`chunk_gated_delta_rule` can't keep packed sequences apart")
+        return attend(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(setup_model, "per_sequence_attention", refuse_packed)
+    model, cfg = setup(qwen_dir, dist)
+    out = capsys.readouterr().out
+    assert "on a packed row fails (`chunk_gated_delta_rule` can't keep packed sequences apart)" in out
+    assert model.padded and cfg.attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert packed_loss(model, qwen_data).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_that_mixes_even_padded_batches_is_refused(qwen_dir, dist, monkeypatch):
+    monkeypatch.setattr(setup_model, "mixing", lambda outputs: 0.5)
+    with pytest.raises(setup_model.UserError, match=r"on a padded batch mixes the two sequences .*5\.0e-01"):
+        setup(qwen_dir, dist)
+
+
+def test_dropout_does_not_fool_the_probe(tmp_path, qwen_data, dist):
+    """GPT-2's default dropout (0.1) would make any two training-mode forwards differ: the probe compares in eval
+    mode, keeps packed rows and the chunked loss, and leaves the model in training mode."""
+    model, cfg = setup(save_arch(tmp_path, "gpt2"), dist)
+    assert model.lm.config.resid_pdrop == 0.1
+    assert not model.padded and cfg.loss == "chunked" and model.training
+
+
+def test_decoder_layers_and_body_of_unusual_layouts():
+    """The layers are the ModuleList holding most parameters (OPT's model.decoder.layers, Mamba's backbone.layers,
+    a hybrid's mixed layer types); Llama 4's body sits at `model` while its prefix says `language_model`."""
+    from transformers import AutoModelForCausalLM
+
+    import tiny_model
+
+    expected = {"opt": "OPTDecoderLayer", "mamba": "MambaBlock", "llama4_text": "Llama4TextDecoderLayer"}
+    expected |= {"jamba": "JambaAttentionDecoderLayer|JambaMambaDecoderLayer"}
+    for model_type, layer_types in expected.items():
+        overrides = dict(attn_layer_period=2, attn_layer_offset=1) if model_type == "jamba" else {}
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(tiny_model.arch_config(model_type, **overrides))
+        layers = setup_model.decoder_layers(lm)
+        assert len(layers) == lm.config.num_hidden_layers, model_type
+        assert {type(x).__name__ for x in layers} == set(layer_types.split("|")), model_type
+        assert setup_model.body(lm) is not lm, model_type

@@ -3,8 +3,9 @@ per attention and loss path rather than one per model):
 
     torchrun --nproc-per-node 2 tests/train_many.py SPEC.json
 
-SPEC: {"models": {name: model_dir}, "output_root": dir, "config": {TrainConfig field: value}}; each model's run
-writes to output_root/name like `train.py --output-dir output_root/name` would.
+SPEC: {"models": {name: model_dir}, "output_root": dir, "config": {TrainConfig field: value}, "overrides": {name:
+{TrainConfig field: value}}} ("overrides" optional); each model's run writes to output_root/name like
+`train.py --output-dir output_root/name` would.
 """
 
 import json
@@ -25,7 +26,8 @@ def main(spec_path: str):
     try:
         for name, model_dir in spec["models"].items():
             output_dir = str(Path(spec["output_root"]) / name)
-            cfg = train.TrainConfig(**spec["config"], model_name_or_path=model_dir, output_dir=output_dir)
+            config = spec["config"] | spec.get("overrides", {}).get(name, {})
+            cfg = train.TrainConfig(**config, model_name_or_path=model_dir, output_dir=output_dir)
             cfg.validate()
             train.run_training(cfg, dist, setup_model.check_model_path(model_dir))
     finally:
