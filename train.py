@@ -78,7 +78,8 @@ class TrainConfig:
         "auto",
         "auto: on CUDA flash_attention_2 if flash-attn is installed, else leantrain_varlen (torch's varlen "
         "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
-        "any device). Or any transformers name: sdpa, eager, flash_attention_2, ...",
+        "any device); the model's own sdpa/eager for models that take no attention functions, and padded batches for "
+        "models that mix the sequences of a packed row (README). Or any transformers name: sdpa, eager, ...",
     )
     # validation
     validation_data_path: str | None = option(None, "Tokenized JSONL to measure val_loss on (no gradient).")
