@@ -8,6 +8,7 @@ step, no padding and no dummy rows; `time_per_step` is the step's whole wall tim
 import contextlib
 import json
 import os
+import re
 import resource
 import secrets
 import sys
@@ -15,7 +16,7 @@ import time
 import weakref
 from pathlib import Path
 
-from utils import fail, format_duration, log
+from utils import fail, format_duration, log, write_atomically
 
 METRICS_FILE = "training_metrics_0.jsonl"
 
@@ -192,8 +193,12 @@ class Trackers:
 
         id_file = output_dir / "wandb" / "leantrain_run_id"
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text(errors="replace").strip() if id_file.exists() else ""
+        if not re.fullmatch(r"[0-9a-f]{12}", run_id):  # none yet, or damaged: a new wandb run
+            if id_file.exists():
+                log(f"{id_file}: not a run id written by leantrain; starting a new wandb run")
+            run_id = secrets.token_hex(6)
+            write_atomically(id_file, run_id + "\n")
         if "WANDB_MODE" not in os.environ and not wandb_key_configured():
             os.environ["WANDB_MODE"] = "offline"
             log(f"wandb: no API key, logging offline to {output_dir / 'wandb'} (`wandb sync` uploads it later)")

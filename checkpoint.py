@@ -49,6 +49,7 @@ from utils import (
     make_folders,
     remove_empty_folders,
     stop_if_any,
+    write_atomically,
 )
 
 STATE_DIR, HF_DIR = "full_state", "hf_format"
@@ -883,9 +884,3 @@ def trim_metrics(path: Path, step: int) -> int:
             + (f" and {unreadable} unreadable lines (a write cut short)" if unreadable else "")
         )
     return len(kept)
-
-
-def write_atomically(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

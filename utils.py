@@ -67,6 +67,13 @@ def make_folders(folder: Path) -> list[Path]:
     return created
 
 
+def write_atomically(path: Path, text: str):
+    """Write a small file so that a reader (or a kill) never sees half of it: a temp file, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def remove_empty_folders(created: list[Path]):
     """Undo make_folders, innermost first, leaving any folder that something has written into."""
     for folder in reversed(created):

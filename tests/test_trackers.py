@@ -74,3 +74,25 @@ def test_wandb_offline_and_tensorboard_get_every_metric_and_continue_on_resume(q
     events.Reload()
     assert [s.step for s in events.Scalars("loss")] == [1, 2, 3, 4], "replayed steps are not doubled"
     assert [s.step for s in events.Scalars("val_loss")] == [2, 4]
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\x00\x00garbage\n", b"0123456789ab\n"])
+def test_wandb_run_id_file(content, tmp_path, monkeypatch, capsys):
+    """The run id survives a resume; a missing, empty (a kill mid-write) or damaged id file starts a new run
+    (said once) and is rewritten whole."""
+    from batch_metrics import Trackers
+
+    started = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: started.append(kwargs["id"]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    id_file = tmp_path / "wandb" / "leantrain_run_id"
+    if content is not None:
+        id_file.parent.mkdir()
+        id_file.write_bytes(content)
+    Trackers._start_wandb("p", tmp_path, {})
+    kept = content == b"0123456789ab\n"
+    assert started[0] == "0123456789ab" if kept else len(started[0]) == 12 and started[0] != "0123456789ab"
+    assert id_file.read_text() == started[0] + "\n"
+    assert ("not a run id written by leantrain" in capsys.readouterr().out) == (
+        content not in (None, b"0123456789ab\n")
+    )
