@@ -283,13 +283,14 @@ class LossModel(nn.Module):
             )
             keep, row_order = target_index, None
 
-        def at_targets(x, selected=False):  # a [1, T, dim] or [sequences, longest, dim] output -> [K, dim]
+        def at_targets(x):  # a [1, T or K, dim] or [sequences, longest, dim] output -> [K, dim]
             if row_order is not None:
                 return x[row_order][target_index]
-            return x[0] if selected else x[0, target_index]
+            # K < T always (a sequence's last token has no target): a model that ignores logits_to_keep is seen here
+            return x[0] if x.shape[1] == target_index.shape[0] else x[0, target_index]
 
         if self.loss == "model" or target_ids is None:
-            logits = at_targets(self.lm(**inputs, logits_to_keep=keep).logits, selected=True)
+            logits = at_targets(self.lm(**inputs, logits_to_keep=keep).logits)
             if target_ids is None:
                 hidden = at_targets(body(self.lm)(**inputs).last_hidden_state)
                 return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())

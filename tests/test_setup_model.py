@@ -303,3 +303,14 @@ def test_decoder_layers_and_body_of_unusual_layouts():
         assert len(layers) == lm.config.num_hidden_layers, model_type
         assert {type(x).__name__ for x in layers} == set(layer_types.split("|")), model_type
         assert setup_model.body(lm) is not lm, model_type
+
+
+def test_a_model_that_ignores_logits_to_keep(qwen_dir, qwen_data, dist, monkeypatch):
+    """Some models (TrOCR, xLSTM) return every position's logits whatever logits_to_keep says: the model loss
+    and the probe take the targets' rows themselves."""
+    model, _ = setup(qwen_dir, dist, loss="model")
+    with torch.no_grad():
+        expected = packed_loss(model, qwen_data).item()
+        forward = model.lm.forward
+        monkeypatch.setattr(model.lm, "forward", lambda *args, logits_to_keep=0, **kwargs: forward(*args, **kwargs))
+        assert packed_loss(model, qwen_data).item() == pytest.approx(expected, rel=1e-6)
