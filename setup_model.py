@@ -434,14 +434,17 @@ def compile_layers(lm):
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
+PROBE_LENGTHS = (12, 9)  # the two probe sequences; every token but the first of each is a target
+
+
 def probe_rows(vocab_size: int):
-    """Two tiny packed rows holding the same two random sequences (12 and 9 tokens), one in each order, through the
-    real collator."""
+    """Two tiny packed rows holding the same two random sequences (PROBE_LENGTHS tokens), one in each order,
+    through the real collator."""
     import numpy as np
 
     from sampler import TokenizedData, collate
 
-    lengths = [12, 9]
+    lengths = PROBE_LENGTHS
     ids = np.random.default_rng(0).integers(0, vocab_size, sum(lengths)).astype(np.int32)
     data = TokenizedData(
         input_ids=ids,
@@ -480,7 +483,7 @@ def mixing(outputs) -> float:
     largest logit. Both rows have the same shapes and so run the same kernels: a model that keeps the sequences of a
     packed row apart scores ~0; one that leaks across them, or counts positions along the row, does not."""
     (ab, _), (ba, _) = outputs
-    first, second = 11, 8  # targets of the 12- and the 9-token sequence
+    first, second = (n - 1 for n in PROBE_LENGTHS)  # each sequence's targets
     moved = torch.cat([ab[:first] - ba[second:], ab[first:] - ba[:second]]).abs().max()
     return float(moved / ab.abs().max().clamp(min=1e-6))
 
