@@ -16,7 +16,7 @@ import time
 import weakref
 from pathlib import Path
 
-from utils import fail, format_duration, log, write_atomically
+from utils import UserError, check_can_create, fail, first_line, format_duration, log, stop_if_any, write_atomically
 
 METRICS_FILE = "training_metrics_0.jsonl"
 
@@ -158,12 +158,17 @@ def wandb_key_configured() -> bool:
 
 @contextlib.contextmanager
 def tracking(cfg, output_dir: Path, params: dict, resumed_step: int, is_main: bool):
-    """The run's Trackers on rank 0 (None elsewhere or when no tracker is asked for), closed on any exit."""
-    trackers = (
-        Trackers(cfg, output_dir, params, resumed_step)
-        if is_main and (cfg.wandb_project or cfg.tensorboard_dir)
-        else None
-    )
+    """The run's Trackers on rank 0 (None elsewhere or when no tracker is asked for), closed on any exit. If they
+    cannot start, every rank stops with rank 0's one-line reason (no rank is left waiting in a collective)."""
+    trackers = error = None
+    if is_main and (cfg.wandb_project or cfg.tensorboard_dir):
+        try:
+            trackers = Trackers(cfg, output_dir, params, resumed_step)
+        except UserError as e:
+            error = str(e)
+        except Exception as e:  # wandb's own errors (a bad project name, a server refusing the run, ...)
+            error = f"could not start the trackers: {type(e).__name__}: {first_line(e)}"
+    stop_if_any(error)
     failed = True
     try:
         yield trackers
@@ -192,6 +197,9 @@ class Trackers:
         import wandb
 
         id_file = output_dir / "wandb" / "leantrain_run_id"
+        check_can_create(id_file.parent, "--wandb-project")
+        if id_file.exists() and not id_file.is_file():
+            fail(f"{id_file}: not a file (it keeps the wandb run id of this output folder)")
         id_file.parent.mkdir(parents=True, exist_ok=True)
         run_id = id_file.read_text(errors="replace").strip() if id_file.exists() else ""
         if not re.fullmatch(r"[0-9a-f]{12}", run_id):  # none yet, or damaged: a new wandb run

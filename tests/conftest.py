@@ -26,6 +26,15 @@ def llama_dir(tmp_path_factory) -> Path:
     return tiny_model.build_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
 
 
+@pytest.fixture
+def dist():
+    """A 1-process gloo group (no torchrun), as train.py starts it."""
+    from utils import destroy_distributed, init_distributed
+
+    yield init_distributed()
+    destroy_distributed()
+
+
 def tokenize(messages_path: Path, model_dir: Path, out: Path, *flags) -> Path:
     """Run the real process_data CLI (asserting success) and return the tokenized file."""
     r = run_script(

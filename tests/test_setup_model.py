@@ -74,15 +74,6 @@ def test_logit_transform_read_from_config(config, expected):
 # --- the setup probe: what auto falls back to, what a named choice refuses -------------------------------------
 
 
-@pytest.fixture
-def dist():
-    """A 1-process gloo group (no torchrun), as train.py starts it."""
-    from utils import destroy_distributed, init_distributed
-
-    yield init_distributed()
-    destroy_distributed()
-
-
 def setup(model_dir, dist, **flags):
     """setup_model as train.py calls it; returns (model, resolved config)."""
     import train

@@ -96,3 +96,31 @@ def test_wandb_run_id_file(content, tmp_path, monkeypatch, capsys):
     assert ("not a run id written by leantrain" in capsys.readouterr().out) == (
         content not in (None, b"0123456789ab\n")
     )
+
+
+@pytest.mark.parametrize("blocked", ["folder at the id file", "file at the wandb folder", "wandb refuses"])
+def test_trackers_that_cannot_start_stop_every_rank_in_one_line(blocked, tmp_path, monkeypatch, dist):
+    """Something else where the id file or its folder belongs, or wandb raising: one line naming it, agreed across
+    ranks (here a 1-process group), not a traceback."""
+    from types import SimpleNamespace
+
+    from batch_metrics import tracking
+    from utils import UserError
+
+    def refuse(**kwargs):
+        raise ValueError("invalid project name\nmore detail")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", refuse)
+    expected = {
+        "folder at the id file": r"leantrain_run_id: not a file",
+        "file at the wandb folder": r"^--wandb-project: .*wandb is a file, not a folder$",
+        "wandb refuses": r"^could not start the trackers: ValueError: invalid project name$",
+    }[blocked]
+    if blocked == "folder at the id file":
+        (tmp_path / "wandb" / "leantrain_run_id").mkdir(parents=True)
+    elif blocked == "file at the wandb folder":
+        (tmp_path / "wandb").write_text("")
+    cfg = SimpleNamespace(wandb_project="p", tensorboard_dir=None)
+    with pytest.raises(UserError, match=expected), tracking(cfg, tmp_path, {}, 0, is_main=True):
+        pytest.fail("trackers started")
