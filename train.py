@@ -276,13 +276,13 @@ class Validation:
     """val_loss: the exact token-weighted mean over the whole held-out set across ranks, packed and computed like
     the training loss, without gradients. Due every `every` steps and at the end."""
 
-    def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None):
+    def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None, padded: bool):
         from sampler import pack_minibatches
 
         self.data, self.dist, self.pad_id = data, dist, pad_id
         # The held-out set never changes: pack it once, this rank's minibatches of sample indices.
         self.plan = (
-            pack_minibatches(data.lengths, cfg.max_tokens_per_gpu, dist.world_size)[dist.rank]
+            pack_minibatches(data.lengths, cfg.max_tokens_per_gpu, dist.world_size, padded)[dist.rank]
             if data is not None
             else []
         )
@@ -397,7 +397,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
     sampler = GlobalSampler(len(data), cfg.seed)
     settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
     pad_id = model_config.pad_token_id or 0
-    validation = Validation(val_data, cfg, dist, pad_id, num_steps)
+    validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.padded)
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
         f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
@@ -437,6 +437,7 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
         dist.rank,
         dist.world_size,
         pad_id,
+        model.padded,  # a model trained on padded batches: at most max_tokens_per_gpu tokens padding included
     ) as steps:  # closed on any exit: no thread left running when the process ends
         step_timer = Timer()
         for batch in steps:  # sampled, packed and collated one step ahead, in a background thread

@@ -9,6 +9,11 @@ across ranks within a minibatch (1.0 = perfectly balanced), and the time to plan
 `batch_lengths_to_minibatches_lpt` is called once per rank, as each rank does in its trainer. Plan times: ours is
 one call that yields the whole plan (every rank runs it); for mini_trainer both one call (one rank's share, the
 wall time when ranks run in parallel) and all calls (the whole plan) are shown.
+
+Then the packing for models trained on padded batches (`padded=True`): padded tokens (samples x longest, summed
+over minibatches) per real token, and the largest minibatch's padded size per capacity, when rows packed by tokens
+are run as padded batches (what the padded path did before) against packing by padded size; minibatches per step.
+`chat`: the issue-9 GPU benchmark's lengths (log-normal, mean ~944, 64 samples per step, capacity 32768).
 """
 
 import importlib.util
@@ -143,6 +148,33 @@ def main():
             f"plan time, means per cell summed: leantrain {sum(r['tlt'] for r in rows) * 1e3:.1f} ms, mini_trainer "
             f"one call {sum(r['tmt'] for r in rows) * 1e3:.1f} ms, all calls {sum(r['tmt_all'] for r in rows) * 1e3:.1f} ms"
         )
+    padded_report(rng)
+
+
+def padded_report(rng):
+    def padded_sizes(plan, lengths):
+        return [len(mb) * int(lengths[mb].max()) for r in plan for mb in r if mb]
+
+    print("\npadded batches: padded tokens / real tokens, largest minibatch / capacity, minibatches per step")
+    print(f"{'dist':9} {'batch':>5} {'ranks':>5} {'cap':>6} | {'by tokens':>17} {'by padded size':>17}")
+    for dist, batch, capacity in [(d, b, CAPACITY) for d in ("uniform", "lognormal", "bimodal") for b in (64, 512)] + [
+        ("chat", 64, 32768)
+    ]:
+        for ranks in (1, 8):
+            cols = []
+            for padded in (False, True):
+                real = pad = worst = mbs = 0
+                for _ in range(BATCHES_PER_CELL):
+                    if dist == "chat":
+                        lengths = np.clip(rng.lognormal(np.log(944) - 0.18, 0.6, batch).astype(int), 32, 4096)
+                    else:
+                        lengths = sample_lengths(rng, dist, batch)
+                    plan = pack_minibatches(lengths, capacity, ranks, padded)
+                    sizes = padded_sizes(plan, lengths)
+                    real, pad, worst = real + lengths.sum(), pad + sum(sizes), max(worst, max(sizes) / capacity)
+                    mbs += len(plan[0]) / BATCHES_PER_CELL
+                cols.append(f"{pad / real:5.2f} {worst:5.2f} {mbs:5.1f}")
+            print(f"{dist:9} {batch:5d} {ranks:5d} {capacity:6d} | {cols[0]:>17} {cols[1]:>17}")
 
 
 if __name__ == "__main__":

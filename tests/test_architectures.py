@@ -97,8 +97,10 @@ def test_architectures_equal_unpacked_reference(attn, loss, arch_models, arch_da
     assert r.returncode == 0, r.stderr[-3000:]
     padded = sorted(re.findall(r"packing: (\w+) on a packed row .* training on padded batches", r.stdout))
     assert padded == ["FalconForCausalLM", "MambaForCausalLM", "MiniMaxForCausalLM"]
+    minibatches = {}
     for name in arch_models:
         metrics = [json.loads(line) for line in open(tmp_path / name / "training_metrics_0.jsonl")]
+        minibatches[name] = [m["num_minibatches"] for m in metrics]
         params = json.loads((tmp_path / name / "training_params.json").read_text())
         assert (params["attn_implementation"], params["loss"]) == (PADDED.get(name, attn), loss), name
         assert all(m["num_minibatches"] >= 2 for m in metrics), name
@@ -106,3 +108,8 @@ def test_architectures_equal_unpacked_reference(attn, loss, arch_models, arch_da
         for m, ref_loss, ref_norm in zip(metrics, ref_losses, ref_norms, strict=True):
             assert m["loss"] == pytest.approx(ref_loss, rel=1e-4), name
             assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), name
+    # Same data and seed, so the same samples per step: padded batches are packed by their padded size (samples x
+    # longest <= the capacity), which takes more minibatches than packing by tokens
+    for name in PADDED:
+        assert all(p >= q for p, q in zip(minibatches[name], minibatches["qwen3"])), name
+        assert sum(minibatches[name]) > sum(minibatches["qwen3"]), name

@@ -242,6 +242,29 @@ def test_pack_edge_cases():
         pack_minibatches([11], 10, 1)
 
 
+def padded_size(lengths, mb) -> int:
+    return len(mb) * max((lengths[i] for i in mb), default=0)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+def test_padded_packing_bounds_the_padded_size(ranks):
+    """For models trained on padded batches: no minibatch pads past the capacity, and far less padding overall than
+    a token-packed plan (which groups long and short samples: LPT) would cost as padded batches."""
+    rng = np.random.default_rng(ranks)
+    for batch in (32, 256):
+        for name, lengths in distributions(rng, batch).items():
+            plan = pack_minibatches(lengths, 8192, ranks, padded=True)
+            m = check_plan(plan, lengths, 8192, ranks)
+            assert all(padded_size(lengths, mb) <= 8192 for r in plan for mb in r), name
+            assert m >= minibatch_lower_bound(lengths, 8192, ranks)
+            assert plan == pack_minibatches(lengths.tolist(), 8192, ranks, padded=True), "deterministic"
+            padded = sum(padded_size(lengths, mb) for r in plan for mb in r)
+            packed = sum(padded_size(lengths, mb) for r in pack_minibatches(lengths, 8192, ranks) for mb in r)
+            assert padded <= 1.4 * lengths.sum() and padded < packed, name
+    assert pack_minibatches([3, 1, 3, 1], 8, 1) == [[[0, 2, 1, 3]]]  # 8 tokens, but 4 x 3 = 12 padded
+    assert pack_minibatches([3, 1, 3, 1], 8, 1, padded=True) == [[[0, 2], [1, 3]]]
+
+
 def test_best_fit_avoids_an_extra_minibatch():
     """LPT alone fails [9, 9, 6, 5, 4, 3, 2] in 4 bins of 10 (it spreads 6, 5, 4 over the emptiest bins and
     strands the 3); best fit finds 9 | 9 | 6+4 | 5+3+2, so one minibatch on 4 ranks suffices."""
