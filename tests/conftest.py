@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,11 +70,24 @@ def cpu_env(extra: dict | None = None) -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
 
 
+def run(cmd, cwd, env, timeout) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True), except that a timeout kills the whole process group: a hung
+    torchrun's workers too, not only the launcher (they would keep the cores busy for the rest of the suite)."""
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Run a repo script as a user would (a fresh interpreter); returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, env=cpu_env(env), capture_output=True, text=True, timeout=timeout
-    )
+    return run([sys.executable, *map(str, args)], cwd, cpu_env(env), timeout)
 
 
 def free_port() -> int:
@@ -86,7 +100,7 @@ def torchrun(script, *args, nproc=1, extra_env=None, timeout=600):
     """Run a repo script under torchrun on the CPU (gloo), `nproc` ranks on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", str(free_port()), str(script), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cpu_env(extra_env))
+    return run(cmd, ROOT, cpu_env(extra_env), timeout)
 
 
 def dense_targets(mb):
