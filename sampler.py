@@ -14,6 +14,7 @@
 5. `Prefetcher` does 2-4 for the next step in a background thread while the current step computes.
 """
 
+import functools
 import hashlib
 import json
 import queue
@@ -47,6 +48,13 @@ class TokenizedData:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @functools.cached_property
+    def spans(self) -> np.ndarray:
+        """Per sample: its largest position id + 1 (its length, unless it carries its own position_ids)."""
+        if len(self) == 0:
+            return np.zeros(0, np.int64)
+        return np.maximum.reduceat(self.position_ids, self.offsets[:-1]).astype(np.int64) + 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -358,7 +366,9 @@ def _plan(lengths, capacity, num_ranks, padded):
     return num_minibatches, order, item_slot // num_ranks, item_slot % num_ranks
 
 
-def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int, padded=False) -> list[list[list[int]]]:
+def pack_minibatches(
+    lengths, max_tokens_per_rank: int, num_ranks: int, padded=False, alone=None
+) -> list[list[list[int]]]:
     """Split one global batch into minibatches: plan[rank][k] is the list of sample indices (into `lengths`) of
     minibatch k on that rank. Deterministic; every rank gets the same number of minibatches (some may be empty);
     no minibatch holds more than max_tokens_per_rank tokens.
@@ -370,12 +380,16 @@ def pack_minibatches(lengths, max_tokens_per_rank: int, num_ranks: int, padded=F
     `padded`, for models trained on padded batches (setup_model's packing check): a minibatch holds at most
     max_tokens_per_rank tokens padding included (its samples x its longest), by best-fit decreasing alone, which
     keeps similar lengths together (on chat data ~1.1-1.8x the real tokens, where a token-packed row would pad
-    to 2-3x and to several times the capacity)."""
+    to 2-3x and to several times the capacity).
+
+    `alone` (one bool per sample): samples that must have a minibatch to themselves (planned as a full one)."""
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if num_ranks < 1 or max_tokens_per_rank < 1:
         raise ValueError("need num_ranks >= 1 and max_tokens_per_rank >= 1")
     if len(lengths) and lengths.max() > max_tokens_per_rank:
         raise ValueError(f"a sample of {lengths.max()} tokens exceeds the capacity of {max_tokens_per_rank}")
+    if alone is not None:
+        lengths = np.where(alone, max_tokens_per_rank, lengths)
     m, order, minibatch, rank = _plan(lengths, max_tokens_per_rank, num_ranks, padded)
     cells = [[] for _ in range(num_ranks * m)]  # one flat comprehension: nested ones cost ~0.5 us per rank
     for item, cell in zip(order.tolist(), (rank * m + minibatch).tolist()):
@@ -465,10 +479,26 @@ class StepBatch:
     sampler_state: dict  # the sampler's position after this batch (what a checkpoint saves)
 
 
-def make_step_batch(data, sampler, count, capacity, rank, world_size, pad_token_id, padded=False) -> StepBatch:
+@dataclass(frozen=True)
+class Packing:
+    """What a model asks of its minibatches (setup_model's checks find out):
+    - padded: it trains on padded batches, so a minibatch's size is its samples x its longest;
+    - alone_from: a sample whose positions reach this many gets a minibatch to itself. For RoPE whose frequencies
+      follow the longest sequence of a forward (Phi-3's longrope switches beyond original_max_position_embeddings):
+      a short sample packed with a long one would be computed with the long one's frequencies."""
+
+    padded: bool = False
+    alone_from: int | None = None
+
+    def plan(self, data: TokenizedData, indices: np.ndarray, capacity: int, num_ranks: int) -> list:
+        alone = data.spans[indices] >= self.alone_from if self.alone_from else None
+        return pack_minibatches(data.lengths[indices], capacity, num_ranks, self.padded, alone)
+
+
+def make_step_batch(data, sampler, count, capacity, rank, world_size, pad_token_id, packing=Packing()) -> StepBatch:
     epoch = sampler.epoch
     indices = sampler.next_indices(count)
-    plan = pack_minibatches(data.lengths[indices], capacity, world_size, padded)
+    plan = packing.plan(data, indices, capacity, world_size)
     return StepBatch(
         minibatches=[collate(data, indices[mb].tolist(), pad_token_id) for mb in plan[rank]],
         num_samples=len(indices),
@@ -483,9 +513,11 @@ class Prefetcher:
     """Prepares step n+1 in a background thread while step n computes. `batch_sizes` yields the number of
     samples of each step (a shorter last one ends an exact number of epochs); the stream ends with it."""
 
-    def __init__(self, data, sampler, batch_sizes, capacity, rank, world_size, pad_token_id=0, padded=False, depth=2):
+    def __init__(
+        self, data, sampler, batch_sizes, capacity, rank, world_size, pad_token_id=0, packing=Packing(), depth=2
+    ):
         self._queue = queue.Queue(maxsize=depth)
-        args = (capacity, rank, world_size, pad_token_id, padded)
+        args = (capacity, rank, world_size, pad_token_id, packing)
         self._thread = threading.Thread(target=self._produce, args=(data, sampler, batch_sizes, args), daemon=True)
         self._stop = False
         self._thread.start()

@@ -128,7 +128,8 @@ CHUNK_LOGITS = 2**28  # logits per chunk (1 GiB in fp32): bounds the loss's memo
 @dataclass(frozen=True)
 class LogitTransform:
     """logits = softcap * tanh(scale * (hidden @ W.T + b) / softcap): Granite divides by `logits_scaling`, Cohere
-    multiplies by `logit_scale`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
+    multiplies by `logit_scale`, Gemma 2/3 soft-cap with `final_logit_softcapping`, RecurrentGemma with
+    `logits_soft_cap`."""
 
     scale: float = 1.0
     softcap: float | None = None
@@ -137,7 +138,8 @@ class LogitTransform:
     def of(cls, config) -> "LogitTransform":
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
-        return cls(scale, getattr(config, "final_logit_softcapping", None))
+        softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+        return cls(scale, softcap)
 
     def __iter__(self):
         return iter((self.scale, self.softcap))
@@ -261,6 +263,14 @@ class LossModel(nn.Module):
         super().__init__()
         self.lm, self.loss, self.transform, self.compiled = lm, loss, transform, compiled
         self.padded = False
+        self.alone_from = rope_switch(lm.config)
+
+    @property
+    def packing(self):
+        """What this model asks of the sampler's minibatches."""
+        from sampler import Packing
+
+        return Packing(self.padded, self.alone_from)
 
     def forward(
         self, input_ids, position_ids, cu_seq_lens, cu_seq_lens_host, max_length, target_index, target_ids=None
@@ -359,6 +369,22 @@ def load_model(cfg, dist, config, attn_implementation: str):
     return lm
 
 
+def rope_switch(config) -> int | None:
+    """For RoPE whose frequencies follow the longest sequence of a forward (longrope: Phi-3, Phi-4-mini), the
+    number of positions from which it switches to its long factors; else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(text, "rope_parameters", None) or {}
+    per_layer_type = all(isinstance(p, dict) for p in params.values()) and params
+    switches = [
+        p.get("original_max_position_embeddings") or getattr(text, "original_max_position_embeddings", None)
+        for p in (params.values() if per_layer_type else [params])
+        if p.get("rope_type") == "longrope"
+    ]
+    if not switches or None in switches:
+        return None
+    return min(switches) + 1
+
+
 def model_class(config):
     """The causal-LM class transformers builds for this config (None where it has none registered here)."""
     from transformers import AutoModelForCausalLM
@@ -382,19 +408,42 @@ def own_attention(config) -> str:
     return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
+def packed_attention_cannot(config) -> str | None:
+    """What leantrain's packed-row attention functions (and flash-attn's) cannot compute for this model, if any:
+    they see only the row's sequence boundaries, not the mask transformers builds."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not takes_attention_functions(config):
+        return f"{config.model_type} models take no attention functions"
+    if getattr(text, "attention_chunk_size", None):  # Llama 4: each query sees only its own chunk of keys
+        return f"{config.model_type} attends in chunks of {text.attention_chunk_size} tokens (attention_chunk_size)"
+    return None
+
+
+def flex_attention_trains_on(device) -> bool:
+    """torch's flex attention has no backward on some devices (the CPU): it raises once its inputs need grads."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 16, device=device, requires_grad=True)
+    try:
+        flex_attention(q, q, q)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def choose_attention(cfg, dist, config) -> str:
     """`auto`: flash-attn's varlen kernel if installed (CUDA), else torch's varlen kernel (CUDA, bf16/fp16, no
-    attention soft-capping), else per-sequence attention; for a model that takes no attention functions, its own
-    sdpa. A named implementation is used as given."""
-    if cfg.attn_implementation != "auto":
-        if cfg.attn_implementation in (VARLEN, PER_SEQUENCE) and not takes_attention_functions(config):
-            fail(
-                f"--attn-implementation {cfg.attn_implementation}: {config.model_type} models take no attention "
-                "functions; use --attn-implementation auto, sdpa or eager"
-            )
-        return cfg.attn_implementation
-    if not takes_attention_functions(config):
-        return own_attention(config)
+    attention soft-capping), else per-sequence attention; for a model they cannot compute (no attention functions,
+    chunked attention), its own sdpa. A named implementation is used as given, if it can train here."""
+    name = cfg.attn_implementation
+    if name in ("auto", VARLEN, PER_SEQUENCE) and (cannot := packed_attention_cannot(config)):
+        if name == "auto":
+            return own_attention(config)
+        fail(f"--attn-implementation {name}: {cannot}; use --attn-implementation auto, sdpa or eager")
+    if name == "flex_attention" and not flex_attention_trains_on(dist.device):
+        fail(f"--attn-implementation flex_attention: torch has no backward for it on {dist.device.type}; use auto")
+    if name != "auto":
+        return name
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if dist.device.type == "cuda":
         try:
@@ -489,6 +538,9 @@ def mixing(outputs) -> float:
 
 
 MIXING_TOLERANCE = 1e-3
+# How far the chunked or Liger loss's logits may stray from the model's own, relative to the largest: the two
+# round differently in 16-bit compute, and agree to ~1e-6 in fp32 (a forgotten soft-cap moves them ~1e-3).
+LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
 
 
 def check_rows(model, rows) -> tuple[list | None, str | None]:
@@ -544,7 +596,8 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
             fail(f"--model-name-or-path {cfg.model_name_or_path}: {name} on a padded batch {problem}")
     model.train()
     own, ours = outputs[0]
-    if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=2e-2 * float(own.abs().max()) + 1e-4):
+    own_max = float(own.abs().max()) + 1e-6
+    if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=LOSS_TOLERANCE[cfg.compute_dtype] * own_max):
         return
     message = f"the model's logits are not its LM head's output under {model.transform}"
     if requested[1] != "auto":
@@ -595,6 +648,11 @@ def setup_model(cfg, dist, config) -> LossModel:
         broadcast_buffers(model)
     model.train()
     probe_model(model, cfg, dist, config, requested)
+    if model.alone_from:
+        log(
+            f"packing: longrope switches RoPE frequencies on the longest sequence of a forward: a sample of "
+            f"{model.alone_from} positions or more gets a minibatch to itself"
+        )
     log(
         f"model: {type(lm).__name__}, {num_params / 1e6:.1f}M "
         f"parameters, attention {cfg.attn_implementation}, loss {cfg.loss}, compile {'on' if cfg.compile else 'off'}, "

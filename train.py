@@ -78,8 +78,9 @@ class TrainConfig:
         "auto",
         "auto: on CUDA flash_attention_2 if flash-attn is installed, else leantrain_varlen (torch's varlen "
         "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
-        "any device); the model's own sdpa/eager for models that take no attention functions, and padded batches for "
-        "models that mix the sequences of a packed row (README). Or any transformers name: sdpa, eager, ...",
+        "any device); the model's own sdpa/eager for models that take no attention functions or attend in chunks, "
+        "and padded batches for models that mix the sequences of a packed row (README). Or any transformers name: "
+        "sdpa, eager, ...",
     )
     # validation
     validation_data_path: str | None = option(None, "Tokenized JSONL to measure val_loss on (no gradient).")
@@ -276,13 +277,13 @@ class Validation:
     """val_loss: the exact token-weighted mean over the whole held-out set across ranks, packed and computed like
     the training loss, without gradients. Due every `every` steps and at the end."""
 
-    def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None, padded: bool):
-        from sampler import pack_minibatches
+    def __init__(self, data, cfg: TrainConfig, dist, pad_id: int, num_steps: int | None, packing):
+        import numpy as np
 
         self.data, self.dist, self.pad_id = data, dist, pad_id
         # The held-out set never changes: pack it once, this rank's minibatches of sample indices.
         self.plan = (
-            pack_minibatches(data.lengths, cfg.max_tokens_per_gpu, dist.world_size, padded)[dist.rank]
+            packing.plan(data, np.arange(len(data)), cfg.max_tokens_per_gpu, dist.world_size)[dist.rank]
             if data is not None
             else []
         )
@@ -397,7 +398,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
     sampler = GlobalSampler(len(data), cfg.seed)
     settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
     pad_id = model_config.pad_token_id or 0
-    validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.padded)
+    validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.packing)
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
         f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
@@ -437,7 +438,7 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
         dist.rank,
         dist.world_size,
         pad_id,
-        model.padded,  # a model trained on padded batches: at most max_tokens_per_gpu tokens padding included
+        model.packing,  # e.g. padded batches: at most max_tokens_per_gpu tokens padding included
     ) as steps:  # closed on any exit: no thread left running when the process ends
         step_timer = Timer()
         for batch in steps:  # sampled, packed and collated one step ahead, in a background thread

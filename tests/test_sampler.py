@@ -265,6 +265,24 @@ def test_padded_packing_bounds_the_padded_size(ranks):
     assert pack_minibatches([3, 1, 3, 1], 8, 1, padded=True) == [[[0, 2], [1, 3]]]
 
 
+def test_samples_past_the_packings_switch_get_a_minibatch_to_themselves(tmp_path):
+    """Packing(alone_from=N): a sample whose positions reach N (by its length, or by position_ids it carries)
+    shares no minibatch; the rest pack as usual, and every sample is planned exactly once."""
+    rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (5, 30, 4, 12, 3, 6)]
+    rows[3]["position_ids"] = list(range(6)) * 2  # 12 tokens, but positions only up to 5: not past the switch
+    rows[5]["position_ids"] = [0, 1, 2, 3, 4, 40]
+    data = load_tokenized(write_rows(tmp_path / "d.jsonl", rows), 100)
+    assert data.spans.tolist() == [5, 30, 4, 6, 3, 41]
+    for ranks in (1, 2):
+        plan = sampler.Packing(alone_from=20).plan(data, np.arange(6), 64, ranks)
+        cells = [mb for r in plan for mb in r]
+        assert sorted(i for mb in cells for i in mb) == list(range(6))
+        assert [1] in cells and [5] in cells
+        assert len(plan[0]) == (3 if ranks == 1 else 2)
+    assert sampler.Packing().plan(data, np.arange(6), 64, 1) == [[[1, 3, 5, 0, 2, 4]]]
+    assert pack_minibatches([5, 30, 4], 64, 1, alone=np.array([False, True, False])) == [[[1], [0, 2]]]
+
+
 def test_best_fit_avoids_an_extra_minibatch():
     """LPT alone fails [9, 9, 6, 5, 4, 3, 2] in 4 bins of 10 (it spreads 6, 5, 4 over the emptiest bins and
     strands the 3); best fit finds 9 | 9 | 6+4 | 5+3+2, so one minibatch on 4 ranks suffices."""

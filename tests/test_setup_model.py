@@ -59,6 +59,7 @@ def test_cross_entropy_and_grad_keeps_dtype_and_matches_autograd():
         (dict(model_type="granite", logits_scaling=8.0), LogitTransform(1 / 8)),
         (dict(model_type="cohere", logit_scale=0.0625), LogitTransform(0.0625)),
         (dict(model_type="gemma2", final_logit_softcapping=30.0), LogitTransform(1.0, 30.0)),
+        (dict(model_type="recurrent_gemma", logits_soft_cap=25.0), LogitTransform(1.0, 25.0)),
     ],
 )
 def test_logit_transform_read_from_config(config, expected):
@@ -125,6 +126,34 @@ def test_unknown_logit_transform_falls_back_to_the_models_own_loss(granite_dir, 
         assert packed_loss(model, qwen_data).item() == pytest.approx(packed_loss(reference, qwen_data).item(), rel=1e-5)
     with pytest.raises(setup_model.UserError, match=r"^--loss chunked: the model's logits are not"):
         setup(granite_dir, dist, loss="chunked")
+
+
+def test_a_slightly_different_logit_transform_is_noticed_in_fp32(qwen_dir, dist, monkeypatch, capsys):
+    """A transform leantrain gets 0.1% wrong (as a forgotten soft-cap of RecurrentGemma's moves logits ~1e-3): the
+    fp32 probe compares to 1e-4 of the largest logit, so auto falls back to the model's own forward."""
+    monkeypatch.setattr(setup_model.LogitTransform, "of", classmethod(lambda cls, config: cls(1.001)))
+    model, cfg = setup(qwen_dir, dist)
+    assert model.loss == cfg.loss == "model" and "using the model's own forward" in capsys.readouterr().out
+
+
+def test_attention_choice_refuses_what_cannot_train(dist):
+    """Chunked attention (Llama 4's attention_chunk_size) is not a window leantrain's packed-row functions know:
+    auto takes the model's own sdpa (exact on packed rows: transformers builds the chunked mask from position_ids),
+    a named one stops in one line; flex attention has no backward on the CPU."""
+    import tiny_model
+    import train
+
+    config = tiny_model.arch_config("llama4_text", attention_chunk_size=32, num_local_experts=2)
+    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=8)
+    assert setup_model.choose_attention(cfg, dist, config) == "sdpa"
+    cfg.attn_implementation = setup_model.PER_SEQUENCE
+    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: llama4_text "):
+        setup_model.choose_attention(cfg, dist, config)
+    config.attention_chunk_size = None
+    assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
+    cfg.attn_implementation = "flex_attention"
+    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation flex_attention: torch has no backward"):
+        setup_model.choose_attention(cfg, dist, config)
 
 
 def test_attention_the_model_cannot_use_falls_back_to_eager(qwen_dir, qwen_data, dist, monkeypatch, capsys):
@@ -305,3 +334,44 @@ def test_a_model_that_ignores_logits_to_keep(qwen_dir, qwen_data, dist, monkeypa
         forward = model.lm.forward
         monkeypatch.setattr(model.lm, "forward", lambda *args, logits_to_keep=0, **kwargs: forward(*args, **kwargs))
         assert packed_loss(model, qwen_data).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_longrope_samples_past_the_switch_get_a_minibatch_to_themselves(tmp_path, qwen_data, dist, capsys):
+    """Phi-3's longrope takes its long factors when the longest sequence of a forward passes
+    original_max_position_embeddings: a short sample packed with a long one would be computed with them. Samples
+    past the switch train alone, and the loss equals separate per-sample forwards."""
+    import numpy as np
+
+    from sampler import collate, load_tokenized
+
+    half = 16  # head_dim 32: 16 frequencies
+    rope = dict(rope_type="longrope", short_factor=[1.0] * half, long_factor=[1.0 + i for i in range(half)])
+    model_dir = save_arch(
+        tmp_path, "phi3", max_position_embeddings=1024, original_max_position_embeddings=128, rope_scaling=rope
+    )
+    model, _ = setup(model_dir, dist)
+    assert model.alone_from == 129 and "a sample of 129 positions or more gets a minibatch" in capsys.readouterr().out
+    data = load_tokenized(qwen_data, 10_000)
+    n = len(data)
+    assert (data.spans > 128).any() and (data.spans <= 128).sum() >= 2
+    plan = model.packing.plan(data, np.arange(n), 10_000, 1)[0]
+    for mb in plan:
+        assert len(mb) == 1 or (data.spans[mb] <= 128).all()
+    model.eval()
+    with torch.no_grad():
+        total = sum(model(**collate(data, mb).inputs("cpu")).item() for mb in plan)
+        mixed = model(**collate(data, list(range(n))).inputs("cpu")).item()
+    reference = per_sample_loss(model_dir, qwen_data, n)
+    assert total == pytest.approx(reference, rel=1e-5)
+    assert mixed != pytest.approx(reference, rel=1e-5)  # one packed row: every sample with the long factors
+
+
+def test_chunked_attention_trains_exactly_under_auto(tmp_path, qwen_data, dist):
+    """Llama 4 with 32-token attention chunks on samples of up to ~250 tokens: auto's packed rows give the loss of
+    separate per-sample forwards."""
+    model_dir = save_arch(tmp_path, "llama4_text", attention_chunk_size=32, num_local_experts=2, initializer_range=0.2)
+    model, cfg = setup(model_dir, dist)
+    assert cfg.attn_implementation == "sdpa" and not model.padded
+    model.eval()
+    with torch.no_grad():
+        assert packed_loss(model, qwen_data).item() == pytest.approx(per_sample_loss(model_dir, qwen_data), rel=1e-5)
