@@ -16,7 +16,17 @@ import time
 import weakref
 from pathlib import Path
 
-from utils import UserError, check_can_create, fail, first_line, format_duration, log, stop_if_any, write_atomically
+from utils import (
+    UserError,
+    check_can_create,
+    fail,
+    first_line,
+    format_duration,
+    log,
+    parse_json,
+    stop_if_any,
+    write_atomically,
+)
 
 METRICS_FILE = "training_metrics_0.jsonl"
 
@@ -233,23 +243,41 @@ class Trackers:
 PLOT_FILE = "training_curves.png"
 
 
+TRAIN_ROW = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second")  # what a plot needs of a row
+VAL_ROW = ("step", "val_loss")
+
+
+def is_row(row, keys) -> bool:
+    return isinstance(row, dict) and all(type(row.get(k)) in (int, float) for k in keys)
+
+
 def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
-    """The training rows (those with `loss`) and the validation rows (`val_loss`) of a run's metrics file."""
+    """The training rows (those with `loss`) and the validation rows (`val_loss`) of a run's metrics file; lines
+    that are not such rows are skipped and counted."""
     output_dir = Path(output_dir)
     path = output_dir / METRICS_FILE
     if not output_dir.is_dir():
         fail(f"{output_dir}: no such folder")
     if not path.is_file():
         fail(f"{path}: no such file (the run has not finished a step yet?)")
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        # A running trainer's last line may be half-written (a crashed one's too, until a resume trims it): skip it.
+    train, val, skipped = [], [], 0
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    if not text.endswith("\n"):  # half-written by a running trainer (or a crashed one, until a resume trims it)
+        lines = lines[:-1]
+    for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = parse_json(line)
         except ValueError:
-            continue
-    rows = [r for r in rows if isinstance(r, dict)]
-    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+            row = None
+        if is_row(row, TRAIN_ROW):
+            train.append(row)
+        elif is_row(row, VAL_ROW):
+            val.append(row)
+        elif line.strip():
+            skipped += 1
+    if skipped:
+        log(f"{path}: skipped {skipped} lines that are not metrics rows")
     if not train:
         fail(f"{path}: no training steps yet")
     return train, val
@@ -291,7 +319,7 @@ def plot(output_dir: Path) -> Path:
     for ax in (norm_ax, speed_ax):
         ax.set_xlabel("step")
     # Epoch starts: a loss that drops at each one is the model memorising the data.
-    epoch_starts = [row["step"] for prev, row in zip(train, train[1:]) if int(row["epoch"]) > int(prev["epoch"])]
+    epoch_starts = [row["step"] for prev, row in zip(train, train[1:]) if row["epoch"] > prev["epoch"]]
     for ax, *_ in panels:
         for i, step in enumerate(epoch_starts):
             ax.axvline(step, color="0.5", lw=0.8, ls=":", label="new epoch" if i == 0 else None)

@@ -47,6 +47,7 @@ from utils import (
     gather_objects,
     log,
     make_folders,
+    parse_json,
     remove_empty_folders,
     stop_if_any,
     write_atomically,
@@ -700,7 +701,7 @@ def lock_holder() -> dict:
 
 def describe_holder(text: str) -> str:
     try:
-        h = json.loads(text)
+        h = parse_json(text)
         job = f", SLURM job {h['slurm_job_id']}" if h.get("slurm_job_id") else ""
         return f"host {h['host']}, pid {h['pid']}{job}"
     except (ValueError, TypeError, KeyError):
@@ -779,7 +780,7 @@ class OutputDir:
         if not text.strip():
             return
         try:
-            holder = json.loads(text)
+            holder = parse_json(text)
             stale = holder["host"] == socket.gethostname() and not pid_alive(holder["pid"])
         except (ValueError, TypeError, KeyError):
             stale = False
@@ -806,8 +807,11 @@ class OutputDir:
         if self.params_before is None:  # only a resumed run finds one (a fresh run refused, --overwrite deleted it)
             return {"launches": []}
         try:
-            earlier = json.loads(self.params_before)
-            return {"launches": [*earlier.pop("launches", []), earlier]}
+            earlier = parse_json(self.params_before)
+            launches = earlier.pop("launches", [])
+            if not isinstance(launches, list):
+                raise TypeError("'launches' is not a list")
+            return {"launches": [*launches, earlier]}
         except (ValueError, AttributeError, TypeError):
             log(f"note: {self.path / PARAMS_FILE} was unreadable; earlier launches are not listed")
             return {"launches": []}
@@ -869,7 +873,7 @@ def trim_metrics(path: Path, step: int) -> int:
     kept, dropped, unreadable = [], 0, 0
     for line in path.read_text(errors="replace").splitlines():
         try:
-            row_step = json.loads(line)["step"]
+            row_step = parse_json(line)["step"]
         except (ValueError, TypeError, KeyError):
             unreadable += 1
             continue

@@ -16,7 +16,6 @@
 
 import functools
 import hashlib
-import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from utils import fail, log, numbered_lines
+from utils import fail, first_line, log, numbered_lines, parse_json
 
 IGNORE = -100
 
@@ -144,11 +143,12 @@ def load_tokenized(
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                fail(f"{where}: invalid JSON ({e})")
+                row = parse_json(raw)
+            except ValueError as e:  # UnicodeDecodeError included
+                fail(f"{where}: invalid JSON ({first_line(e)})")
             if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
-                hint = " (this looks like a messages file: run process_data.py first)" if "messages" in row else ""
+                messages = isinstance(row, dict) and "messages" in row
+                hint = " (this looks like a messages file: run process_data.py first)" if messages else ""
                 fail(f"{where}: not a tokenized sample, needs fields 'input_ids' and 'labels'{hint}")
             ids = _int_array(row["input_ids"], "input_ids", where, raw, vocab)
             labels = _int_array(row["labels"], "labels", where, raw, vocab, allow_ignore=True)

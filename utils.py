@@ -7,6 +7,7 @@ errors every rank must stop on), and the weight broadcast at load time.
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -42,6 +43,15 @@ def exit_on_user_error(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def parse_json(text: str | bytes):
+    """json.loads for files leantrain did not write itself: anything malformed raises ValueError (json.loads raises
+    RecursionError on deep nesting, and ValueError on integers of thousands of digits)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def numbered_lines(f):

@@ -64,6 +64,11 @@ def test_load_drops_samples_over_capacity(tmp_path, capsys):
         ('{"input_ids": [1, "a"], "labels": [1, 2]}', "d.jsonl:2: field 'input_ids' must be a list of integers"),
         ('{"input_ids": [1, 2], "labels": [1, 2], "position_ids": [0]}', "d.jsonl:2: 'position_ids' has 1"),
         ("{not json", "d.jsonl:2: invalid JSON"),
+        ("5", "d.jsonl:2: not a tokenized sample"),
+        ("null", "d.jsonl:2: not a tokenized sample"),
+        ('"messages"', "d.jsonl:2: not a tokenized sample, needs fields 'input_ids' and 'labels'$"),
+        ("[" * 100_000 + "]" * 100_000, "d.jsonl:2: invalid JSON \\(JSON nested too deeply\\)"),
+        ('{"input_ids": [' + "9" * 5000 + '], "labels": [1]}', "d.jsonl:2: invalid JSON \\(Exceeds the limit"),
     ],
 )
 def test_load_errors_name_file_and_line(tmp_path, line, message):

@@ -1,5 +1,7 @@
 """utils: the one-line error for more local ranks than GPUs, raised before any process group or CUDA work."""
 
+import json
+
 import pytest
 import torch
 
@@ -14,3 +16,22 @@ def test_more_local_ranks_than_gpus_is_one_line_error(monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(utils.UserError, match=r"^2 processes per node but 1 visible GPU\(s\): set --nproc-per-node"):
         utils.init_distributed()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "[" + "9" * 5000 + "]", '{"a": 1', b"\xff"])
+def test_parse_json_raises_only_value_error(text):
+    """Every file leantrain reads may be damaged: deep nesting (RecursionError in json) and integers of thousands
+    of digits are plain ValueErrors, caught where the file is read."""
+    with pytest.raises(ValueError):
+        utils.parse_json(text)
+
+
+def test_trim_metrics_drops_unreadable_lines(tmp_path, capsys):
+    import checkpoint
+
+    path = tmp_path / "training_metrics_0.jsonl"
+    rows = [{"step": 1}, {"step": 2}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[" * 100_000 + "\n" + '{"step": "2"}\n')
+    assert checkpoint.trim_metrics(path, 2) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert "removed 2 rows past the resumed step 2 and 1 unreadable lines" in capsys.readouterr().out
