@@ -288,8 +288,11 @@ def read_trainer_state(folder: Path) -> dict:
             raise Damaged(f"{path}: format {meta['format']!r}, expected {FORMAT} (saved by another leantrain version)")
         state, sampler = meta["state"], meta["state"]["sampler"]
         valid = (
-            all(_is_count(state[k]) for k in ("step", "samples_seen", "tokens_seen"))
+            set(state) == {"step", "samples_seen", "tokens_seen", "sampler"}
+            and set(sampler) == {"epoch", "offset", "seed", "num_samples"}
+            and all(_is_count(state[k]) for k in ("step", "samples_seen", "tokens_seen"))
             and all(_is_count(sampler[k]) for k in ("epoch", "offset", "seed", "num_samples"))
+            and sampler["offset"] < max(sampler["num_samples"], 1)
             and (
                 meta.get("best") is None
                 or (type(meta["best"]["val_loss"]) is float and _is_count(meta["best"]["samples"]))
@@ -303,7 +306,7 @@ def read_trainer_state(folder: Path) -> dict:
     except (KeyError, TypeError) as e:
         raise Damaged(f"{path}: missing or malformed field ({first_line(e)})") from None
     if not valid:
-        raise Damaged(f"{path}: a counter or setting has the wrong type")
+        raise Damaged(f"{path}: a counter or setting is missing, unknown or out of range")
     return meta
 
 
@@ -388,7 +391,10 @@ def check_resumable(path: Path, meta: dict, settings: dict, num_steps: int | Non
                 f"--model-name-or-path is another model architecture (fingerprint {now}, checkpoint {saved.get(name)})"
             )
         elif name == "data":
-            diffs.append(f"--data-path holds other data (fingerprint {now}, checkpoint {saved.get(name)})")
+            diffs.append(
+                f"--data-path holds other data (fingerprint {now}, checkpoint {saved.get(name)}; the samples kept "
+                "count too: a lower --max-tokens-per-gpu or --drop-overlong-samples drops some the run trained on)"
+            )
         else:
             diffs.append(f"--{name.replace('_', '-')} {now} (checkpoint: {saved.get(name)})")
     if diffs:
@@ -460,10 +466,15 @@ def fresh_dir(path: Path):
 
 
 def root_cause(e: BaseException) -> BaseException:
-    """The exception behind DCP's CheckpointException (which keeps one (exception, traceback) per failed rank)."""
+    """The exception behind DCP's CheckpointException (which keeps one (exception, traceback) per failed rank)
+    and behind the exceptions raised from it: the OSError, if one is in the chain."""
     for failure in getattr(e, "failures", {}).values():
-        return failure[0] if isinstance(failure, tuple) else failure
-    return e
+        e = failure[0] if isinstance(failure, tuple) else failure
+        break
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(nxt)
+    return next((c for c in chain if isinstance(c, OSError) and c.strerror), e)
 
 
 def describe_error(e: BaseException) -> str:
@@ -471,17 +482,20 @@ def describe_error(e: BaseException) -> str:
     cause = root_cause(e)
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror + (f" ({cause.filename})" if cause.filename else "")
+    if rust_io := re.search(r'(?:message: "|I/O error: )([^"(]+)', str(cause)):  # safetensors' Rust IoError
+        return f"{rust_io.group(1).strip()} (safetensors)"
     return f"{type(cause).__name__}: {first_line(cause)}"
 
 
 def agreed(fn, *args):
-    """Run one phase of a save on every rank; if writing failed on any rank, every rank stops with one line."""
+    """Run one phase of a save on every rank; if it failed on any rank (a full disk, safetensors' or the tokenizer's
+    own errors), every rank stops with one line, rather than the others waiting in the next collective."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     error, result = None, None
     try:
         result = fn(*args)
-    except (OSError, CheckpointException) as e:
+    except (Exception, CheckpointException) as e:
         error = describe_error(e)
     stop_if_any(error)
     return result
@@ -617,10 +631,13 @@ class Saver:
             everyone = {k: v for h, _ in gathered for k, v in h.items()}
             agreed(lambda: self.dist.is_main and (write_manifest(tmp, everyone), publish(tmp, root / name)))
         except UserError as e:
+            # Some writers hide a full disk behind their own message (torch's zip writer: "unexpected pos"): say it.
+            free = shutil.disk_usage(self.output_dir).free / 2**20
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(
-                f"saving checkpoint {root / name} failed: {e}; partial files removed, earlier checkpoints kept"
+                f"saving checkpoint {root / name} failed: {e} ({free:.0f} MiB free on its disk); partial files "
+                "removed, earlier checkpoints kept"
             ) from None
         return seconds
 

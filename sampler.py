@@ -283,6 +283,8 @@ class GlobalSampler:
                 f"sampler state is for seed {state['seed']} over {state['num_samples']} samples, "
                 f"not seed {self.seed} over {self.num_samples}"
             )
+        if not 0 <= state["offset"] < self.num_samples:
+            raise ValueError(f"sampler offset {state['offset']} is outside its {self.num_samples} samples")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 

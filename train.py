@@ -21,6 +21,7 @@ import typer
 from utils import Timer, exit_on_user_error, fail, log
 
 LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
+MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
 
 
 def option(default=MISSING, help: str = "", flags: tuple = ()):
@@ -146,8 +147,18 @@ class TrainConfig:
         for name in ("max_steps", "max_epochs", "min_samples_per_checkpoint", "keep_last_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate < 0 or self.num_warmup_steps < 0 or self.max_grad_norm < 0:
-            fail("--learning-rate, --num-warmup-steps and --max-grad-norm must be >= 0")
+        if self.batch_size > MAX_BATCH_SIZE:  # every rank holds and packs the whole global batch's indices
+            fail(f"--batch-size must be <= {MAX_BATCH_SIZE}, got {self.batch_size}")
+        for name in ("learning_rate", "max_grad_norm", "weight_decay", "eps", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                fail(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.num_warmup_steps < 0:
+            fail(f"--num-warmup-steps must be >= 0, got {self.num_warmup_steps}")
+        if not 0 <= self.seed < 2**63:
+            fail(f"--seed must be in [0, 2**63), got {self.seed}")
         dtypes = ("float32", "bfloat16", "float16")
         for name in ("train_dtype", "compute_dtype", "save_dtype"):
             if getattr(self, name) not in (None, *dtypes):

@@ -181,6 +181,29 @@ def test_damaged_checkpoints_are_reported_and_the_newest_intact_one_used(
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3], "replayed steps replace their old rows"
 
 
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda m: m["state"].update(extra=1),  # would reach TrainState(**state) as an unknown keyword
+        lambda m: m["state"]["sampler"].update(offset=10**15),  # would make the sampler index far past its samples
+        lambda m: m["state"]["sampler"].update(offset=m["state"]["sampler"]["num_samples"]),
+        lambda m: m["state"]["sampler"].pop("epoch"),
+        lambda m: m["state"].update(step=-1),
+    ],
+    ids=["unknown-key", "huge-offset", "offset-at-end", "missing-epoch", "negative-step"],
+)
+def test_a_forged_trainer_state_is_damaged_not_obeyed(trained, tmp_path, forge):
+    """A trainer_state.json that passes the manifest (re-hashed by whoever edited it) is still checked field by
+    field: every forgery is `Damaged`, never a TypeError or a runaway sampler."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained / "full_state" / "samples_24", folder)
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    forge(meta)
+    (folder / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.Damaged, match=r"trainer_state.json: "):
+        checkpoint.read_trainer_state(folder)
+
+
 def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):
     for n in (8, 16, 24):
         truncate(run_dir / f"full_state/samples_{n}/dcp/__0_0.distcp")

@@ -13,6 +13,7 @@ import setup_model
 import tiny_model
 from conftest import ROOT, cpu_env, dense_targets, free_port, run_script, tokenized_conversations, torchrun
 from sampler import GlobalSampler, collate, load_tokenized
+from utils import UserError
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
 STEPS, BATCH, LR = 3, 8, 1e-3
@@ -250,6 +251,33 @@ def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
     )
     assert r.returncode == 2
     assert "non-finite loss" in r.stderr and "step 2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(learning_rate=float("nan")), "--learning-rate must be a finite number >= 0, got nan"),
+        (dict(learning_rate=float("inf")), "--learning-rate must be a finite number >= 0, got inf"),
+        (dict(max_grad_norm=float("nan")), "--max-grad-norm must be a finite number >= 0, got nan"),
+        (dict(weight_decay=-0.1), "--weight-decay must be a finite number >= 0, got -0.1"),
+        (dict(eps=float("nan")), "--eps must be a finite number >= 0, got nan"),
+        (dict(beta1=1.0), r"--beta1 must be in \[0, 1\), got 1.0"),
+        (dict(beta2=-0.5), "--beta2 must be a finite number >= 0, got -0.5"),
+        (dict(seed=-1), r"--seed must be in \[0, 2\*\*63\), got -1"),
+        (dict(seed=2**64), r"--seed must be in \[0, 2\*\*63\)"),
+        (dict(batch_size=10**12), "--batch-size must be <= 16777216, got 1000000000000"),
+        (dict(num_warmup_steps=-1), "--num-warmup-steps must be >= 0, got -1"),
+    ],
+)
+def test_flag_values_are_checked_before_any_work(flags, message):
+    import train
+
+    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=8)
+    cfg.validate()
+    for name, value in flags.items():
+        setattr(cfg, name, value)
+    with pytest.raises(UserError, match="^" + message):
+        cfg.validate()
 
 
 @pytest.mark.parametrize(

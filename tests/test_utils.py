@@ -35,3 +35,18 @@ def test_trim_metrics_drops_unreadable_lines(tmp_path, capsys):
     assert checkpoint.trim_metrics(path, 2) == 2
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     assert "removed 2 rows past the resumed step 2 and 1 unreadable lines" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_named_behind_wrapping_errors():
+    import checkpoint
+
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/out/dcp/__0_0.distcp")
+        except OSError as e:
+            raise RuntimeError("writer thread failed") from e
+    except RuntimeError as e:
+        assert checkpoint.describe_error(e) == "No space left on device (/out/dcp/__0_0.distcp)"
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert checkpoint.describe_error(rust) == "No space left on device (safetensors)"
+    assert checkpoint.describe_error(ValueError("bad\nmore")) == "ValueError: bad"
