@@ -91,7 +91,7 @@ def parse_messages(obj: dict) -> list[dict]:
         if not isinstance(message, dict):
             raise InvalidLine("bad_messages", f"messages[{k}] must be an object, got {type(message).__name__}")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidLine(
                 "unknown_role",
                 f"messages[{k}].role: unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})",
@@ -103,6 +103,7 @@ def parse_messages(obj: dict) -> list[dict]:
             if not isinstance(value, str):
                 got = type(value).__name__ if key in message else "nothing"
                 raise InvalidLine("bad_content", f"messages[{k}].{key} must be a string, got {got}")
+            check_unicode(value, f"messages[{k}].{key}")
     if any(m["role"] == "pretrain" for m in messages) and len(messages) != 1:
         raise InvalidLine("pretrain_mixed", "a 'pretrain' message must stand alone in its sample")
     return messages
@@ -114,7 +115,34 @@ def parse_document(obj: dict, column: str) -> str:
         raise InvalidLine("missing_document", f"missing field {column!r}")
     if not isinstance(obj[column], str):
         raise InvalidLine("bad_document", f"field {column!r} must be a string, got {type(obj[column]).__name__}")
+    check_unicode(obj[column], f"field {column!r}")
     return obj[column]
+
+
+def check_unicode(text: str, where: str):
+    """JSON's \\ud800 escapes decode to lone surrogates, which are no text a tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidLine("bad_unicode", f"{where}: lone surrogate {text[e.start]!r} at character {e.start}") from None
+
+
+def render(tokenizer, conversations: list[list[dict]], **kwargs) -> list:
+    """The chat template's text of each conversation, or an InvalidLine where the template refuses it (e.g. roles
+    that do not alternate): one raising conversation must not take the chunk's others with it."""
+    if not conversations:
+        return []
+    try:
+        return tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
+    except Exception:  # find which: one at a time
+        pass
+    texts = []
+    for conversation in conversations:
+        try:
+            texts.append(tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs))
+        except Exception as e:
+            texts.append(InvalidLine("template_error", f"the chat template refuses it ({first_line(e)})"))
+    return texts
 
 
 def assistant_spans(tokenizer, messages: list[dict], full_text: str, prefixes: list[str]) -> list[tuple[int, int]]:
@@ -177,15 +205,15 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
             conversations.append((pos, messages))
 
     # Render whole conversations and, for each assistant turn, the prefix ending in a generation prompt.
-    full_texts = tokenizer.apply_chat_template([m for _, m in conversations], tokenize=False) if conversations else []
+    full_texts = render(tokenizer, [m for _, m in conversations])
     prefix_convs = [m[:i] for _, m in conversations for i, msg in enumerate(m) if msg["role"] == "assistant"]
-    prefix_texts = iter(
-        tokenizer.apply_chat_template(prefix_convs, tokenize=False, add_generation_prompt=True) if prefix_convs else []
-    )
+    prefix_texts = iter(render(tokenizer, prefix_convs, add_generation_prompt=True))
     texts, spans_of, positions = [], [], []
     for (pos, messages), text in zip(conversations, full_texts):
         prefixes = [next(prefix_texts) for m in messages if m["role"] == "assistant"]
         try:
+            if refused := next((t for t in [text, *prefixes] if isinstance(t, InvalidLine)), None):
+                raise refused
             spans_of.append(assistant_spans(tokenizer, messages, text, prefixes))
         except InvalidLine as e:
             results[pos] = ("invalid", chunk[pos][0], e.reason, str(e))

@@ -197,6 +197,8 @@ BAD_LINES = {
     "invalid_utf8": b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
     "nested_too_deeply": b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
     "integer_too_long": b'{"messages": [], "n": 1' + b"0" * 5000 + b"}\n",
+    "list_role": b'{"messages": [{"role": ["user"], "content": "x"}]}\n',
+    "lone_surrogate": b'{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "a"}]}\n',
 }
 GOOD = json.dumps({"messages": [U1, A1]}).encode() + b"\n"
 
@@ -262,6 +264,26 @@ def test_samples_longer_than_the_models_positions_are_counted(tmp_path, qwen_dir
     result, out = run(tmp_path, [long, {"messages": [U1, A1]}], qwen_dir)
     assert result.exit_code == 0 and len(out) == 2 and out[0]["len"] > 4096
     assert "warning: 1 samples are longer than the model's 4096 positions" in result.output
+
+
+def test_a_conversation_the_chat_template_refuses_is_one_invalid_line(tmp_path, qwen_dir):
+    """A template that raises (here: roles must alternate, starting with the user) refuses that line only, in one
+    line naming it, or skipped and counted with --skip-invalid; the chunk's other conversations are kept."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(qwen_dir, model)
+    template = model / "chat_template.jinja"
+    check = "{%- if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation must start with user') }}"
+    template.write_text(check + "{%- endif %}" + template.read_text())
+    first = json.dumps({"messages": [A1, U1]}).encode() + b"\n"
+    result, out = run(tmp_path, None, model, raw_lines=[GOOD, first, GOOD])
+    assert result.exit_code == 2 and out is None
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'in.jsonl'}:2: the chat template refuses it (Conversation must start with user)"
+    )
+    result, out = run(tmp_path, None, model, "--skip-invalid", raw_lines=[GOOD, first, GOOD])
+    assert result.exit_code == 0 and len(out) == 2 and "skipped 1 invalid (template_error)" in result.output
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, qwen_dir):
@@ -430,6 +452,7 @@ DOC_BAD_LINES = {
     "null": (b'{"text": null}\n', "field 'text' must be a string, got NoneType"),
     "list": (b'{"text": ["a", "b"]}\n', "field 'text' must be a string, got list"),
     "invalid_utf8": (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
+    "lone_surrogate": (b'{"text": "caf\\udc80"}\n', "field 'text': lone surrogate '\\udc80' at character 3"),
 }
 
 
