@@ -358,6 +358,8 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
     --resume the newest intact one in output_dir (damaged ones are reported and skipped, never all of them)."""
     if cfg.resume_from:
         path = Path(cfg.resume_from)
+        if path.is_file():
+            fail(f"--resume-from {path}: a file; give a checkpoint folder ({STATE_DIR}/samples_N)")
         try:
             return path, verify(path, STATE_DIR, dist)
         except Damaged as e:

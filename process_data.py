@@ -451,6 +451,8 @@ def check_document_flags(block_size, column, isolate, drop_last, max_tokens, mod
         if drop_last:
             fail("--drop-last-block needs --pretrain-block-size")
         return
+    if column is not None and not column:
+        fail("--document-column-name must not be empty")
     if block_size < 2:
         fail(f"--pretrain-block-size must be >= 2 (a block's first token is never a target), got {block_size}")
     if max_tokens is not None:

@@ -192,7 +192,7 @@ def load_tokenized(
     )
     if max_positions is not None:
         data = drop_overlong_samples(data, path, max_positions, drop_overlong)
-    return drop_samples_without_targets(data)
+    return drop_samples_without_targets(data, path)
 
 
 def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, drop: bool) -> TokenizedData:
@@ -217,7 +217,7 @@ def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, d
     return select_samples(data, ~overlong)
 
 
-def drop_samples_without_targets(data: TokenizedData) -> TokenizedData:
+def drop_samples_without_targets(data: TokenizedData, path: Path) -> TokenizedData:
     """A sample with no target adds nothing to the loss (and a batch of only such samples has none to divide
     by): drop it, logged."""
     keep = data.num_loss_counted_tokens > 0
@@ -225,7 +225,9 @@ def drop_samples_without_targets(data: TokenizedData) -> TokenizedData:
         return data
     log(f"dropped {int((~keep).sum())} samples with no loss-counted token")
     if not keep.any():
-        fail("--data-path: no sample has a loss-counted token (every label is -100 or a sequence's first token)")
+        fail(
+            f"--data-path {path}: no sample has a loss-counted token (every label is -100 or a sequence's first token)"
+        )
     return select_samples(data, keep)
 
 

@@ -212,6 +212,11 @@ def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir,
     code, out, err = run(*argv(qwen_dir, data_path, run_dir / "other", "--resume-from", run_dir / NEWEST))
     assert code == 2 and "--resume-from" in one_error_line(err) and "size differs" in err
     assert not (run_dir / "other").exists()
+    file = run_dir / NEWEST / "trainer_state.json"
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir / "other", "--resume-from", file))
+    assert code == 2 and one_error_line(err) == f"error: --resume-from {file}: a file; give a checkpoint folder " + (
+        "(full_state/samples_N)"
+    )
 
 
 def test_the_final_model_is_rebuilt_when_a_crash_hit_between_the_two_publishes(run, qwen_dir, data_path, run_dir):

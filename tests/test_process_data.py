@@ -434,6 +434,7 @@ def test_drop_last_block(tmp_path, qwen_dir):
         (["--isolate-documents"], "--isolate-documents needs --pretrain-block-size"),
         (["--drop-last-block"], "--drop-last-block needs --pretrain-block-size"),
         (["--document-column-name", "text"], "--document-column-name needs --pretrain-block-size"),
+        (["--pretrain-block-size", "8", "--document-column-name", ""], "--document-column-name must not be empty"),
     ],
 )
 def test_document_flag_errors(tmp_path, qwen_dir, flags, expected):
