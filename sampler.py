@@ -7,7 +7,7 @@
    world size, and the sampler's whole state is (epoch, offset).
 3. `pack_minibatches` splits a global batch into as few minibatches per rank as the token capacity allows (LPT,
    compiled with numba), every rank with the same count, tokens balanced across ranks within each minibatch (for
-   models trained on padded batches, by padded size instead of tokens).
+   models trained on padded batches, by padded size instead of tokens; `Packing` says what a model needs).
 4. `collate` builds one padding-free row per minibatch: position_ids restart per sequence, and the row's targets
    are the labels shifted within each sequence, so no sequence's first token is ever predicted from the previous
    sequence's last token.
@@ -198,7 +198,7 @@ def load_tokenized(
 def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, drop: bool) -> TokenizedData:
     """Positions restart at each sequence, so a sample reaching position max_positions holds a sequence longer
     than the model's positions: the model would train on positions it has never been given."""
-    overlong = np.maximum.reduceat(data.position_ids, data.offsets[:-1]) >= max_positions
+    overlong = data.spans > max_positions
     if not overlong.any():
         return data
     count, line = int(overlong.sum()), int(data.source_lines[np.argmax(overlong)])

@@ -408,14 +408,19 @@ def own_attention(config) -> str:
     return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
-def packed_attention_cannot(config) -> str | None:
-    """What leantrain's packed-row attention functions (and flash-attn's) cannot compute for this model, if any:
-    they see only the row's sequence boundaries, not the mask transformers builds."""
+def packed_attention_cannot(config, longest: int) -> str | None:
+    """What leantrain's packed-row attention functions (and flash-attn's) cannot compute for this model on
+    sequences of up to `longest` tokens, if any: they see only the row's sequence boundaries, not the mask
+    transformers builds."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if not takes_attention_functions(config):
         return f"{config.model_type} models take no attention functions"
-    if getattr(text, "attention_chunk_size", None):  # Llama 4: each query sees only its own chunk of keys
-        return f"{config.model_type} attends in chunks of {text.attention_chunk_size} tokens (attention_chunk_size)"
+    chunk = getattr(text, "attention_chunk_size", None)  # Llama 4: each query sees only its own chunk of keys
+    if chunk and chunk < longest:
+        return (
+            f"{config.model_type} attends in chunks of {chunk} tokens (attention_chunk_size), and sequences of up "
+            f"to --max-tokens-per-gpu {longest} span several"
+        )
     return None
 
 
@@ -436,7 +441,7 @@ def choose_attention(cfg, dist, config) -> str:
     attention soft-capping), else per-sequence attention; for a model they cannot compute (no attention functions,
     chunked attention), its own sdpa. A named implementation is used as given, if it can train here."""
     name = cfg.attn_implementation
-    if name in ("auto", VARLEN, PER_SEQUENCE) and (cannot := packed_attention_cannot(config)):
+    if name in ("auto", VARLEN, PER_SEQUENCE) and (cannot := packed_attention_cannot(config, cfg.max_tokens_per_gpu)):
         if name == "auto":
             return own_attention(config)
         fail(f"--attn-implementation {name}: {cannot}; use --attn-implementation auto, sdpa or eager")

@@ -138,19 +138,23 @@ def test_a_slightly_different_logit_transform_is_noticed_in_fp32(qwen_dir, dist,
 
 def test_attention_choice_refuses_what_cannot_train(dist):
     """Chunked attention (Llama 4's attention_chunk_size) is not a window leantrain's packed-row functions know:
-    auto takes the model's own sdpa (exact on packed rows: transformers builds the chunked mask from position_ids),
-    a named one stops in one line; flex attention has no backward on the CPU."""
+    where a sequence can be longer than a chunk, auto takes the model's own sdpa (exact on packed rows:
+    transformers builds the chunked mask from position_ids) and a named one stops in one line; flex attention has
+    no backward on the CPU."""
     import tiny_model
     import train
 
     config = tiny_model.arch_config("llama4_text", attention_chunk_size=32, num_local_experts=2)
-    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=8)
+    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=33)
     assert setup_model.choose_attention(cfg, dist, config) == "sdpa"
     cfg.attn_implementation = setup_model.PER_SEQUENCE
     with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: llama4_text "):
         setup_model.choose_attention(cfg, dist, config)
-    config.attention_chunk_size = None
+    cfg.max_tokens_per_gpu = 32  # no sequence passes its first chunk
     assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
+    cfg.attn_implementation = "auto"
+    assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
+    cfg.attn_implementation = setup_model.PER_SEQUENCE
     cfg.attn_implementation = "flex_attention"
     with pytest.raises(setup_model.UserError, match=r"^--attn-implementation flex_attention: torch has no backward"):
         setup_model.choose_attention(cfg, dist, config)
