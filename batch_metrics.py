@@ -247,8 +247,13 @@ TRAIN_ROW = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second")  #
 VAL_ROW = ("step", "val_loss")
 
 
+def is_number(value) -> bool:
+    """A JSON number matplotlib can draw: a float, or an int within float range."""
+    return type(value) is float or (type(value) is int and abs(value) <= sys.float_info.max)
+
+
 def is_row(row, keys) -> bool:
-    return isinstance(row, dict) and all(type(row.get(k)) in (int, float) for k in keys)
+    return isinstance(row, dict) and all(is_number(row.get(k)) for k in keys)
 
 
 def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:

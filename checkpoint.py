@@ -840,10 +840,11 @@ class OutputDir:
         metrics = self.path / METRICS_FILE
         if failed and (self.rows_at_launch is None or count_lines(metrics) == self.rows_at_launch):
             params = self.path / PARAMS_FILE
-            if self.params_before is not None:
-                params.write_bytes(self.params_before)
-            elif params.exists():
-                params.unlink()
+            with contextlib.suppress(OSError):  # a failure to write it may be why the run failed
+                if self.params_before is not None:
+                    params.write_bytes(self.params_before)
+                elif params.is_file():
+                    params.unlink()
             if metrics.exists() and metrics.stat().st_size == 0:
                 metrics.unlink()
             for name in (STATE_DIR, HF_DIR):

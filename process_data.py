@@ -214,6 +214,7 @@ def process_chunk(tokenizer, chunk: list[tuple[int, bytes]], source: str, max_to
         try:
             if refused := next((t for t in [text, *prefixes] if isinstance(t, InvalidLine)), None):
                 raise refused
+            check_unicode(text, "the rendered conversation")  # any field the template renders ('name', ...)
             spans_of.append(assistant_spans(tokenizer, messages, text, prefixes))
         except InvalidLine as e:
             results[pos] = ("invalid", chunk[pos][0], e.reason, str(e))

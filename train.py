@@ -140,8 +140,8 @@ class TrainConfig:
         """Flag checks that need no model or data: fail before any heavy work."""
         if self.batch_size < 1:
             fail(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_tokens_per_gpu < 1:
-            fail(f"--max-tokens-per-gpu must be >= 1, got {self.max_tokens_per_gpu}")
+        if not 1 <= self.max_tokens_per_gpu < 2**31:  # a row's sequence boundaries are int32 (varlen kernels)
+            fail(f"--max-tokens-per-gpu must be in [1, 2**31), got {self.max_tokens_per_gpu}")
         if self.max_steps is not None and self.max_epochs is not None:
             fail("--max-steps and --max-epochs conflict: give at most one (neither runs until stopped)")
         for name in ("max_steps", "max_epochs", "min_samples_per_checkpoint", "keep_last_checkpoints"):
@@ -193,7 +193,7 @@ def total_steps(cfg: TrainConfig, num_samples: int) -> int | None:
     if cfg.max_steps is not None:
         return cfg.max_steps
     if cfg.max_epochs is not None:
-        return math.ceil(cfg.max_epochs * num_samples / cfg.batch_size)
+        return -(-cfg.max_epochs * num_samples // cfg.batch_size)  # integers: exact for any length
     return None
 
 

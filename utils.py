@@ -80,8 +80,12 @@ def make_folders(folder: Path) -> list[Path]:
 def write_atomically(path: Path, text: str):
     """Write a small file so that a reader (or a kill) never sees half of it: a temp file, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_empty_folders(created: list[Path]):

@@ -54,11 +54,17 @@ def test_plot_is_a_png_of_a_run_in_progress(tmp_path):
 def test_plot_skips_and_counts_lines_that_are_not_metrics_rows(tmp_path, capsys):
     """A damaged or hand-edited metrics file: odd rows are skipped and counted, never a traceback."""
     odd = ['{"step": 3}', '{"loss": 1.0}', '{"step": "4", "epoch": 0, "loss": 1, "lr": 1, "grad_norm": 1}', "7"]
-    odd += ["[" * 50_000, '{"step": 5, "val_loss": null}', '{"step": [1], "val_loss": 1.0}']
+    odd += [
+        "[" * 50_000,
+        '{"step": 5, "val_loss": null}',
+        '{"step": [1], "val_loss": 1.0}',
+        '{"step": 1, "val_loss": 1',
+    ]
+    odd[-1] += "0" * 400 + "}"  # an integer past float range
     run = write_run(tmp_path / "run", tail="\n".join(odd) + "\n")
     train, val = read_metrics(run)
     assert len(train) == 30 and len(val) == 3
-    assert "skipped 7 lines that are not metrics rows" in capsys.readouterr().out
+    assert "skipped 8 lines that are not metrics rows" in capsys.readouterr().out
     assert plot(run).stat().st_size > 50_000
 
 

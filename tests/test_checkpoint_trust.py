@@ -339,6 +339,14 @@ def test_a_longer_cosine_run_follows_the_new_schedule_from_the_resume_point(run,
     assert [launch["max_steps"] for launch in params["launches"]] == [STEPS]
 
 
+def test_an_unwritable_params_file_on_resume_is_one_line_and_leaves_no_lock(run, qwen_dir, data_path, run_dir):
+    (run_dir / "training_params.json").unlink()
+    (run_dir / "training_params.json").mkdir()
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=STEPS + 1))
+    assert code == 2 and one_error_line(err).startswith(f"error: cannot write in --output-dir {run_dir}")
+    assert not (run_dir / "leantrain.lock").exists() and not list(run_dir.glob(".training_params.json.tmp-*"))
+
+
 def test_resume_in_an_empty_folder_starts_from_scratch(run, qwen_dir, data_path, tmp_path):
     code, out, err = run(*argv(qwen_dir, data_path, tmp_path / "run", "--resume", *NO_SAVES, steps=1))
     assert code == 0, err

@@ -286,6 +286,26 @@ def test_a_conversation_the_chat_template_refuses_is_one_invalid_line(tmp_path, 
     assert result.exit_code == 0 and len(out) == 2 and "skipped 1 invalid (template_error)" in result.output
 
 
+def test_a_lone_surrogate_in_any_rendered_field_is_one_invalid_line(tmp_path, qwen_dir):
+    """A template that renders a field leantrain does not check ('name'): the rendered text is checked too."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(qwen_dir, model)
+    template = model / "chat_template.jinja"
+    template.write_text("{%- for m in messages %}{{ m.get('name', '') }}{%- endfor %}" + template.read_text())
+    named = (
+        b'{"messages": [{"role": "user", "name": "\\ud800", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    )
+    result, out = run(tmp_path, None, model, raw_lines=[GOOD, named])
+    assert result.exit_code == 2 and out is None
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'in.jsonl'}:2: the rendered conversation: lone surrogate '\\ud800' at character 0"
+    )
+    result, out = run(tmp_path, None, model, "--skip-invalid", "--num-proc", "2", raw_lines=[GOOD, named, GOOD])
+    assert result.exit_code == 0 and len(out) == 2 and "skipped 1 invalid (bad_unicode)" in result.output
+
+
 def test_skip_invalid_counts_per_reason(tmp_path, qwen_dir):
     lines = [GOOD, BAD_LINES["invalid_json"], BAD_LINES["unknown_role"], BAD_LINES["invalid_json"], GOOD]
     result, out = run(tmp_path, None, qwen_dir, "--skip-invalid", raw_lines=lines)

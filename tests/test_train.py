@@ -267,6 +267,7 @@ def test_non_finite_loss_stops_before_the_step(qwen_dir, data_path, tmp_path):
         (dict(seed=2**64), r"--seed must be in \[0, 2\*\*63\)"),
         (dict(batch_size=10**12), "--batch-size must be <= 16777216, got 1000000000000"),
         (dict(num_warmup_steps=-1), "--num-warmup-steps must be >= 0, got -1"),
+        (dict(max_tokens_per_gpu=2**64), r"--max-tokens-per-gpu must be in \[1, 2\*\*31\), got 18446744073709551616"),
     ],
 )
 def test_flag_values_are_checked_before_any_work(flags, message):
