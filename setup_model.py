@@ -424,6 +424,21 @@ def packed_attention_cannot(config, longest: int) -> str | None:
     return None
 
 
+def packed_rows_cannot(config, longest: int) -> str | None:
+    """What the model computes along the whole row, whatever the attention, that the probe's short rows cannot
+    show (seen in its config). Llama 4's NoPE layers scale queries by their index in the row from floor_scale on:
+    in a packed row, not their position in their own sequence."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    floor = getattr(text, "floor_scale", None)
+    nope = 0 in (getattr(text, "no_rope_layers", None) or [])
+    if getattr(text, "attn_temperature_tuning", False) and nope and floor and floor < longest:
+        return (
+            f"scales queries by their index along the row (attn_temperature_tuning from floor_scale {floor}, "
+            f"below --max-tokens-per-gpu {longest})"
+        )
+    return None
+
+
 def flex_attention_trains_on(device) -> bool:
     """torch's flex attention has no backward on some devices (the CPU): it raises once its inputs need grads."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -573,7 +588,8 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
     (attention, loss) the user asked for; `auto` falls back, a named choice that cannot be kept fails):
     - the attention function must get what it needs, else eager (transformers' own, masks from position_ids);
     - the model must keep the sequences of a packed row apart (Mamba's convolutions and state, Falcon's masks,
-      positions counted along the row do not), else each minibatch runs as a padded batch, one sequence per row;
+      positions counted along the row do not; nor, by its config, Llama 4's query scaling on rows past floor_scale),
+      else each minibatch runs as a padded batch, one sequence per row;
     - chunked and liger, which apply the LM head and the logit transform themselves, must match the model's own
       logits, else the model's own forward computes the loss."""
     rows = [mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(config.get_text_config().vocab_size)]
@@ -588,6 +604,7 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
         log(f"attention {cfg.attn_implementation}: {e}; using eager")
         use_attention(model, cfg, "eager")
         outputs, problem = check_rows(model, rows)
+    problem = problem or packed_rows_cannot(config, cfg.max_tokens_per_gpu)
     if problem:
         message = f"{name} on a packed row {problem}"
         if cfg.attn_implementation in (VARLEN, PER_SEQUENCE):

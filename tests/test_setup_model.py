@@ -379,3 +379,22 @@ def test_chunked_attention_trains_exactly_under_auto(tmp_path, qwen_data, dist):
     model.eval()
     with torch.no_grad():
         assert packed_loss(model, qwen_data).item() == pytest.approx(per_sample_loss(model_dir, qwen_data), rel=1e-5)
+
+
+def test_query_scaling_along_the_row_trains_on_padded_batches(tmp_path, qwen_data, dist, capsys):
+    """Llama 4's NoPE layers scale queries by their index in the row from floor_scale on (attention temperature
+    tuning): past floor_scale tokens, packed rows scale a sequence's queries by where it sits in the row. The probe's
+    rows (21 tokens) are too short to see it; the config says it, and auto trains on padded batches, equal to per-sample
+    forwards where one packed row is not."""
+    overrides = dict(num_local_experts=2, num_hidden_layers=4, floor_scale=32, attn_scale=8.0, initializer_range=0.2)
+    model_dir = save_arch(tmp_path, "llama4_text", **overrides)
+    model, cfg = setup(model_dir, dist)
+    assert model.padded and "scales queries by their index along the row" in capsys.readouterr().out
+    model.eval()
+    with torch.no_grad():
+        padded = packed_loss(model, qwen_data).item()
+        model.padded = False
+        packed = packed_loss(model, qwen_data).item()
+    reference = per_sample_loss(model_dir, qwen_data)
+    assert padded == pytest.approx(reference, rel=1e-5)
+    assert packed != pytest.approx(reference, rel=1e-5)
