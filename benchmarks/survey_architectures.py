@@ -111,4 +111,6 @@ def main(model_types: list[str]):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
     main([t for t in ",".join(sys.argv[1:]).split(",") if t])
