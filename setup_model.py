@@ -257,12 +257,14 @@ def padded_batch(input_ids, position_ids, cu_seq_lens_host, max_length: int):
 class LossModel(nn.Module):
     """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets.
     `padded`: run the row's sequences as a padded batch instead of one packed row (exact for models that mix the
-    sequences of a packed row, and slower)."""
+    sequences of a packed row, and slower). `own_positions`: give the model no position_ids, so that it numbers
+    positions its own way (RoBERTa-style models count from padding_idx + 1; with `padded`, each sequence from its
+    start)."""
 
     def __init__(self, lm: nn.Module, loss: str, transform: LogitTransform, compiled: bool = False):
         super().__init__()
         self.lm, self.loss, self.transform, self.compiled = lm, loss, transform, compiled
-        self.padded = False
+        self.padded = self.own_positions = False
         self.alone_from = rope_switch(lm.config)
 
     @property
@@ -292,6 +294,8 @@ class LossModel(nn.Module):
                 leantrain_cu_seq_lens_host=cu_seq_lens_host,  # a tensor, not a list: compiled layers need no guard
             )
             keep, row_order = target_index, None
+        if self.own_positions:
+            del inputs["position_ids"]
 
         def at_targets(x):  # a [1, T or K, dim] or [sequences, longest, dim] output -> [K, dim]
             if row_order is not None:
@@ -507,8 +511,8 @@ PROBE_LENGTHS = (12, 9)  # the two probe sequences; every token but the first of
 
 
 def probe_rows(vocab_size: int):
-    """Two tiny packed rows holding the same two random sequences (PROBE_LENGTHS tokens), one in each order,
-    through the real collator."""
+    """Two tiny packed rows holding the same two random sequences (PROBE_LENGTHS tokens), one in each order, and a
+    row of the first alone, through the real collator."""
     import numpy as np
 
     from sampler import TokenizedData, collate
@@ -523,7 +527,7 @@ def probe_rows(vocab_size: int):
         num_loss_counted_tokens=np.array([n - 1 for n in lengths]),
         source_lines=np.array([1, 2]),
     )
-    return collate(data, [0, 1]), collate(data, [1, 0])
+    return collate(data, [0, 1]), collate(data, [1, 0]), collate(data, [0])
 
 
 def reshard(model):
@@ -578,6 +582,16 @@ def check_rows(model, rows) -> tuple[list | None, str | None]:
     return outputs, None
 
 
+def positions_moved(model, row) -> float:
+    """How far the logits of a one-sequence row move when the model numbers its positions itself instead of being
+    given the collator's 0-based position_ids, relative to the largest."""
+    (given, _), *_ = probe_forwards(model, [row])
+    model.own_positions = True
+    (own, _), *_ = probe_forwards(model, [row])
+    model.own_positions = False
+    return float((given - own).abs().max() / given.abs().max().clamp(min=1e-6))
+
+
 def use_attention(model, cfg, name: str):
     cfg.attn_implementation = name
     model.lm.set_attn_implementation(name)
@@ -588,11 +602,14 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
     (attention, loss) the user asked for; `auto` falls back, a named choice that cannot be kept fails):
     - the attention function must get what it needs, else eager (transformers' own, masks from position_ids);
     - the model must keep the sequences of a packed row apart (Mamba's convolutions and state, Falcon's masks,
-      positions counted along the row do not; nor, by its config, Llama 4's query scaling on rows past floor_scale),
-      else each minibatch runs as a padded batch, one sequence per row;
+      positions counted along the row do not; nor, by its config, Llama 4's query scaling on rows past floor_scale)
+      and take 0-based position_ids (RoBERTa-style models do not), else each minibatch runs as a padded batch, one
+      sequence per row (numbering its positions itself where it must);
     - chunked and liger, which apply the LM head and the logit transform themselves, must match the model's own
       logits, else the model's own forward computes the loss."""
-    rows = [mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(config.get_text_config().vocab_size)]
+    *rows, alone = [
+        mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(config.get_text_config().vocab_size)
+    ]
     name = type(model.lm).__name__
     model.eval()  # no dropout: the checks compare forwards
     try:
@@ -605,6 +622,9 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
         use_attention(model, cfg, "eager")
         outputs, problem = check_rows(model, rows)
     problem = problem or packed_rows_cannot(config, cfg.max_tokens_per_gpu)
+    if not problem and (moved := positions_moved(model, alone)) > MIXING_TOLERANCE:
+        problem = f"needs positions numbered its own way (its logits move {moved:.1e} given 0-based position_ids)"
+        model.own_positions = True
     if problem:
         message = f"{name} on a packed row {problem}"
         if cfg.attn_implementation in (VARLEN, PER_SEQUENCE):

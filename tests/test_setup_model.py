@@ -398,3 +398,21 @@ def test_query_scaling_along_the_row_trains_on_padded_batches(tmp_path, qwen_dat
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-5)
+
+
+def test_a_model_that_numbers_its_own_positions_gets_none(tmp_path, qwen_data, dist, capsys):
+    """RoBERTa-style causal LMs count positions from padding_idx + 1 when given none: 0-based position_ids would
+    silently shift every position embedding. The probe sees the logits move, and auto trains on padded batches
+    without position_ids, equal to per-sample forwards, where packed rows with position_ids are not."""
+    model_dir = save_arch(tmp_path, "roberta", is_decoder=True, initializer_range=0.2)
+    model, cfg = setup(model_dir, dist)
+    assert model.padded and model.own_positions
+    assert "needs positions numbered its own way" in capsys.readouterr().out
+    model.eval()
+    with torch.no_grad():
+        padded = packed_loss(model, qwen_data).item()
+        model.padded = model.own_positions = False
+        packed = packed_loss(model, qwen_data).item()
+    reference = per_sample_loss(model_dir, qwen_data)
+    assert padded == pytest.approx(reference, rel=1e-5)
+    assert packed != pytest.approx(reference, rel=1e-4)
