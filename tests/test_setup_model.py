@@ -416,3 +416,18 @@ def test_a_model_that_numbers_its_own_positions_gets_none(tmp_path, qwen_data, d
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-4)
+
+
+def test_a_model_that_needs_position_ids_keeps_them(qwen_dir, dist, monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    forward = modeling_qwen2.Qwen2Model.forward
+
+    def needs_positions(self, *args, position_ids=None, **kwargs):
+        if position_ids is None:
+            raise TypeError("position_ids are required")
+        return forward(self, *args, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", needs_positions)
+    model, cfg = setup(qwen_dir, dist)
+    assert not model.padded and not model.own_positions and cfg.loss == "chunked"
