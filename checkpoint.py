@@ -287,11 +287,12 @@ def read_trainer_state(folder: Path) -> dict:
         if meta["format"] != FORMAT:
             raise Damaged(f"{path}: format {meta['format']!r}, expected {FORMAT} (saved by another leantrain version)")
         state, sampler = meta["state"], meta["state"]["sampler"]
+        counters = ("step", "samples_seen", "tokens_seen")
         valid = (
-            set(state) == {"step", "samples_seen", "tokens_seen", "sampler"}
+            set(state) == {*counters, "sampler"}
             and set(sampler) == {"epoch", "offset", "seed", "num_samples"}
-            and all(_is_count(state[k]) for k in ("step", "samples_seen", "tokens_seen"))
-            and all(_is_count(sampler[k]) for k in ("epoch", "offset", "seed", "num_samples"))
+            and all(_is_count(state[k]) for k in counters)
+            and all(_is_count(v) for v in sampler.values())
             and sampler["offset"] < max(sampler["num_samples"], 1)
             and (
                 meta.get("best") is None

@@ -122,6 +122,12 @@ def register_attention():
 # chunked and liger apply the LM head themselves, so they must apply the model's logit transform too; the setup
 # probe checks they agree with the model's own logits and `auto` falls back to `model` where they do not.
 
+
+def text_config(config):
+    """The language model's part of a config (a multimodal config nests it; a text config is its own)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 CHUNK_LOGITS = 2**28  # logits per chunk (1 GiB in fp32): bounds the loss's memory whatever the vocabulary
 
 
@@ -136,7 +142,7 @@ class LogitTransform:
 
     @classmethod
     def of(cls, config) -> "LogitTransform":
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(config)
         scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
         softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
         return cls(scale, softcap)
@@ -376,7 +382,7 @@ def load_model(cfg, dist, config, attn_implementation: str):
 def rope_switch(config) -> int | None:
     """For RoPE whose frequencies follow the longest sequence of a forward (longrope: Phi-3, Phi-4-mini), the
     number of positions from which it switches to its long factors; else None."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     params = getattr(text, "rope_parameters", None) or {}
     per_layer_type = all(isinstance(p, dict) for p in params.values()) and params
     switches = [
@@ -416,7 +422,7 @@ def packed_attention_cannot(config, longest: int) -> str | None:
     """What leantrain's packed-row attention functions (and flash-attn's) cannot compute for this model on
     sequences of up to `longest` tokens, if any: they see only the row's sequence boundaries, not the mask
     transformers builds."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if not takes_attention_functions(config):
         return f"{config.model_type} models take no attention functions"
     chunk = getattr(text, "attention_chunk_size", None)  # Llama 4: each query sees only its own chunk of keys
@@ -432,7 +438,7 @@ def packed_rows_cannot(config, longest: int) -> str | None:
     """What the model computes along the whole row, whatever the attention, that the probe's short rows cannot
     show (seen in its config). Llama 4's NoPE layers scale queries by their index in the row from floor_scale on:
     in a packed row, not their position in their own sequence."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     floor = getattr(text, "floor_scale", None)
     nope = 0 in (getattr(text, "no_rope_layers", None) or [])
     if getattr(text, "attn_temperature_tuning", False) and nope and floor and floor < longest:
@@ -468,7 +474,7 @@ def choose_attention(cfg, dist, config) -> str:
         fail(f"--attn-implementation flex_attention: torch has no backward for it on {dist.device.type}; use auto")
     if name != "auto":
         return name
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if dist.device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -556,9 +562,13 @@ def mixing(outputs) -> float:
     largest logit. Both rows have the same shapes and so run the same kernels: a model that keeps the sequences of a
     packed row apart scores ~0; one that leaks across them, or counts positions along the row, does not."""
     (ab, _), (ba, _) = outputs
-    first, second = (n - 1 for n in PROBE_LENGTHS)  # each sequence's targets
-    moved = torch.cat([ab[:first] - ba[second:], ab[first:] - ba[:second]]).abs().max()
-    return float(moved / ab.abs().max().clamp(min=1e-6))
+    second = PROBE_LENGTHS[1] - 1  # the second sequence's targets, first in `ba`
+    return moved_by(ab, torch.cat([ba[second:], ba[:second]]))
+
+
+def moved_by(logits, other) -> float:
+    """The largest difference between two sets of logits, relative to the first's largest logit."""
+    return float((logits - other).abs().max() / logits.abs().max().clamp(min=1e-6))
 
 
 MIXING_TOLERANCE = 1e-3
@@ -594,7 +604,7 @@ def positions_moved(model, row) -> float:
         return 0.0
     finally:
         model.own_positions = False
-    return float((given - own).abs().max() / given.abs().max().clamp(min=1e-6))
+    return moved_by(given, own)
 
 
 def use_attention(model, cfg, name: str):
@@ -612,9 +622,7 @@ def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
       sequence per row (numbering its positions itself where it must);
     - chunked and liger, which apply the LM head and the logit transform themselves, must match the model's own
       logits, else the model's own forward computes the loss."""
-    *rows, alone = [
-        mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(config.get_text_config().vocab_size)
-    ]
+    *rows, alone = [mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(text_config(config).vocab_size)]
     name = type(model.lm).__name__
     model.eval()  # no dropout: the checks compare forwards
     try:

@@ -236,6 +236,17 @@ def per_sample_loss(model_dir, qwen_data, n=5):
     return total
 
 
+def padded_and_packed_losses(model, qwen_data) -> tuple[float, float]:
+    """The summed loss of the first samples as the setup left the model (padded batches), then as packed rows with
+    the collator's position_ids: what training would compute without the probe's switch. Eval mode."""
+    model.eval()
+    with torch.no_grad():
+        padded = packed_loss(model, qwen_data).item()
+        model.padded = model.own_positions = False
+        packed = packed_loss(model, qwen_data).item()
+    return padded, packed
+
+
 def test_padded_batch_puts_outputs_back_in_row_order():
     cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     row = torch.arange(100, 109)[None]
@@ -258,11 +269,7 @@ def test_a_model_that_mixes_packed_sequences_trains_on_padded_batches(
     model, cfg = setup(model_dir, dist)
     assert model.padded and cfg.attn_implementation == attention and cfg.loss == "chunked"
     assert f"packing: {type(model.lm).__name__} on a packed row mixes the two sequences" in capsys.readouterr().out
-    model.eval()
-    with torch.no_grad():
-        padded = packed_loss(model, qwen_data).item()
-        model.padded = False
-        packed = packed_loss(model, qwen_data).item()
+    padded, packed = padded_and_packed_losses(model, qwen_data)
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-5)  # what training on packed rows would have computed
@@ -390,11 +397,7 @@ def test_query_scaling_along_the_row_trains_on_padded_batches(tmp_path, qwen_dat
     model_dir = save_arch(tmp_path, "llama4_text", **overrides)
     model, cfg = setup(model_dir, dist)
     assert model.padded and "scales queries by their index along the row" in capsys.readouterr().out
-    model.eval()
-    with torch.no_grad():
-        padded = packed_loss(model, qwen_data).item()
-        model.padded = False
-        packed = packed_loss(model, qwen_data).item()
+    padded, packed = padded_and_packed_losses(model, qwen_data)
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-5)
@@ -408,11 +411,7 @@ def test_a_model_that_numbers_its_own_positions_gets_none(tmp_path, qwen_data, d
     model, cfg = setup(model_dir, dist)
     assert model.padded and model.own_positions
     assert "needs positions numbered its own way" in capsys.readouterr().out
-    model.eval()
-    with torch.no_grad():
-        padded = packed_loss(model, qwen_data).item()
-        model.padded = model.own_positions = False
-        packed = packed_loss(model, qwen_data).item()
+    padded, packed = padded_and_packed_losses(model, qwen_data)
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-4)
