@@ -247,6 +247,35 @@ def padded_and_packed_losses(model, qwen_data) -> tuple[float, float]:
     return padded, packed
 
 
+@pytest.mark.parametrize(
+    "attention, loss, padded, own_positions",
+    [
+        (setup_model.PER_SEQUENCE, "chunked", False, False),
+        (setup_model.PER_SEQUENCE, "model", False, False),
+        ("eager", "chunked", True, False),
+        ("eager", "model", True, True),
+    ],
+)
+def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, loss, padded, own_positions):
+    """No host sync inside a minibatch's forward and backward: on the meta device (shapes, no data) any `.item()`,
+    `.tolist()`, `nonzero` or boolean-mask index of a device tensor raises, as it would stall a GPU. Only the
+    collator's host copy of the boundaries (a real CPU tensor, as on CUDA) may be read."""
+    from transformers import AutoModelForCausalLM
+
+    from sampler import collate, load_tokenized
+
+    setup_model.register_attention()
+    lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation=attention).to("meta")
+    model = setup_model.LossModel(lm, loss, LogitTransform.of(lm.config))
+    model.padded, model.own_positions = padded, own_positions
+    inputs = collate(load_tokenized(qwen_data, 10_000), list(range(5))).inputs("meta")
+    assert inputs["cu_seq_lens_host"].device.type == "cpu"
+    model(**inputs).backward()
+    assert lm.get_input_embeddings().weight.grad.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):  # what a host sync would meet: the check can fail
+        inputs["target_index"].tolist()
+
+
 def test_padded_batch_puts_outputs_back_in_row_order():
     cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     row = torch.arange(100, 109)[None]
