@@ -154,10 +154,38 @@ def test_attention_choice_refuses_what_cannot_train(dist):
     assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
     cfg.attn_implementation = "auto"
     assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
-    cfg.attn_implementation = setup_model.PER_SEQUENCE
     cfg.attn_implementation = "flex_attention"
     with pytest.raises(setup_model.UserError, match=r"^--attn-implementation flex_attention: torch has no backward"):
         setup_model.choose_attention(cfg, dist, config)
+
+
+def test_auto_attention_on_cuda_takes_the_fastest_kernel_the_model_allows(monkeypatch):
+    """The CUDA order, decided on the host (no GPU needed): flash-attn's varlen kernel if the package is installed,
+    else torch's varlen kernel for bf16/fp16 without attention soft-capping, else per-sequence attention; a model
+    that takes no attention functions keeps its own."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    import tiny_model
+    import train
+
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    qwen, gemma2, falcon = (tiny_model.arch_config(arch) for arch in ("qwen2", "gemma2", "falcon"))
+    assert gemma2.attn_logit_softcapping
+    falcons_own = setup_model.own_attention(falcon)  # imports its modeling code before flash_attn is faked
+
+    def choice(config, compute_dtype="bfloat16", flash=False, varlen=True):
+        monkeypatch.setitem(sys.modules, "flash_attn", ModuleType("flash_attn") if flash else None)
+        monkeypatch.setattr(setup_model, "VARLEN_KERNEL", (lambda *a, **k: None) if varlen else None)
+        required = dict(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64)
+        return setup_model.choose_attention(train.TrainConfig(**required, compute_dtype=compute_dtype), cuda, config)
+
+    assert choice(qwen, flash=True) == choice(gemma2, flash=True) == "flash_attention_2"
+    assert choice(qwen) == choice(qwen, compute_dtype="float16") == setup_model.VARLEN
+    assert choice(gemma2) == setup_model.PER_SEQUENCE  # torch's varlen kernel has no soft-capping
+    assert choice(qwen, compute_dtype="float32") == setup_model.PER_SEQUENCE
+    assert choice(qwen, varlen=False) == setup_model.PER_SEQUENCE  # a torch without torch.nn.attention.varlen
+    assert choice(falcon, flash=True) == falcons_own == "sdpa"
 
 
 def test_attention_the_model_cannot_use_falls_back_to_eager(qwen_dir, qwen_data, dist, monkeypatch, capsys):
