@@ -721,7 +721,10 @@ def setup_model(cfg, dist, config) -> LossModel:
 
 
 def build_optimizer(cfg, model, device):
-    """AdamW over the trainable parameters; OSFT's after-step projection, if any, hangs on it."""
+    """AdamW over the trainable parameters; OSFT's after-step projection, if any, hangs on it. Fused (one kernel
+    over all parameters, CUDA and CPU): FSDP2's parameters are DTensors, and each DTensor op costs host time per
+    parameter; the foreach variant runs a dozen such ops a step (150 ms a step for 24 layers on the CPU, against
+    19 ms fused)."""
     import osft
 
     optimizer = torch.optim.AdamW(
@@ -730,7 +733,7 @@ def build_optimizer(cfg, model, device):
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
     osft.keep_orthogonal(optimizer, model)
     return optimizer

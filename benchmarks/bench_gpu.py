@@ -33,13 +33,14 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
 }
-# name -> leantrain flags, or ("trl", SFTConfig overrides)
+# name -> leantrain flags, ("unsharded", leantrain flags): the same without fully_shard, or ("trl", SFTConfig overrides)
 RUNS = {
     "defaults-16k": ["--max-tokens-per-gpu", "16384"],
     "defaults-32k": ["--max-tokens-per-gpu", "32768"],
     "defaults-64k": ["--max-tokens-per-gpu", "65536"],
     "no-compile-32k": ["--max-tokens-per-gpu", "32768", "--no-compile"],
     "no-compile-64k": ["--max-tokens-per-gpu", "65536", "--no-compile"],
+    "no-fsdp-32k": ("unsharded", ["--max-tokens-per-gpu", "32768"]),
     "per-sequence-32k": ["--max-tokens-per-gpu", "32768", "--attn-implementation", "leantrain_per_sequence"],
     "loss-model-32k": ["--max-tokens-per-gpu", "32768", "--loss", "model"],
     "liger-32k": ["--max-tokens-per-gpu", "32768", "--loss", "liger", "--use-liger-kernels"],
@@ -117,9 +118,9 @@ def leantrain_step_lengths(data: Path, capacity: int) -> list[list[int]]:
     return [tokenized.lengths[sampler.next_indices(BATCH)].tolist() for _ in range(STEPS)]
 
 
-def run_leantrain(model_dir: Path, data: Path, flags: list[str], work: Path) -> dict:
+def run_leantrain(model_dir: Path, data: Path, flags: list[str], work: Path, script: Path = ROOT / "train.py") -> dict:
     out = work / "out"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model-name-or-path", str(model_dir), "--data-path", str(data)]
+    cmd = [sys.executable, str(script), "--model-name-or-path", str(model_dir), "--data-path", str(data)]
     cmd += ["--output-dir", str(out), "--batch-size", str(BATCH), "--max-steps", str(STEPS)]
     cmd += ["--learning-rate", "1e-5", "--no-save-final-checkpoint", *flags]
     start = time.perf_counter()
@@ -225,8 +226,10 @@ def run(
         for name in names:
             spec = RUNS[name]
             (work / name).mkdir()
-            if isinstance(spec, tuple):
+            if isinstance(spec, tuple) and spec[0] == "trl":
                 results[name] = run_trl(model_dir, data, spec[1], work / name)
+            elif isinstance(spec, tuple):
+                results[name] = run_leantrain(model_dir, data, spec[1], work / name, ROOT / "benchmarks/unsharded.py")
             else:
                 results[name] = run_leantrain(model_dir, data, spec, work / name)
             print(name, json.dumps(results[name]), flush=True)

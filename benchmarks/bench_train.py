@@ -1,4 +1,4 @@
-"""Training throughput: leantrain (1 and 2 ranks) vs TRL's SFTTrainer vs a plain hand-written padding-free loop.
+"""Training throughput: leantrain (1 and 2 ranks, and 1 without FSDP) vs TRL's SFTTrainer vs a plain padding-free loop.
 
     pip install -e ".[bench]"
     python benchmarks/bench_train.py [--steps 20] [--batch-size 8] [--conversations 400]
@@ -121,7 +121,7 @@ def trl(model_dir: Path, messages: Path, steps: int, batch_size: int, result: Pa
     result.write_text(json.dumps({"tok_s": throughput(tokens[:steps], ends), "rss_gb": peak_rss_gb()}))
 
 
-def run_leantrain(model_dir, data, steps, batch_size, out, nproc) -> dict:
+def run_leantrain(model_dir, data, steps, batch_size, out, nproc, script=ROOT / "train.py") -> dict:
     launcher = (
         [sys.executable]
         if nproc == 1
@@ -129,7 +129,7 @@ def run_leantrain(model_dir, data, steps, batch_size, out, nproc) -> dict:
     )
     cmd = [
         *launcher,
-        str(ROOT / "train.py"),
+        str(script),
         "--model-name-or-path",
         str(model_dir),
         "--data-path",
@@ -192,6 +192,9 @@ def compare(steps: int = 20, batch_size: int = 8, conversations: int = 400):
         results = {
             "leantrain, 1 rank": run_leantrain(model_dir, data, steps, batch_size, work / "lt1", 1),
             "leantrain, 2 ranks": run_leantrain(model_dir, data, steps, batch_size, work / "lt2", 2),
+            "leantrain, no FSDP": run_leantrain(
+                model_dir, data, steps, batch_size, work / "lt0", 1, ROOT / "benchmarks/unsharded.py"
+            ),
             "plain padding-free loop": run_worker("plain", model_dir, data, steps, batch_size),
             "TRL SFTTrainer": run_worker("trl", model_dir, messages, steps, batch_size),
         }
