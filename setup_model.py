@@ -702,7 +702,8 @@ def setup_model(cfg, dist, config) -> LossModel:
         set_model_state_dict(model, full_state or {}, options=options)
         broadcast_buffers(model)
     model.train()
-    probe_model(model, cfg, dist, config, requested)
+    with torch.compiler.set_stance("force_eager"):  # the probe's no-grad forwards: graphs training would not use
+        probe_model(model, cfg, dist, config, requested)
     if model.alone_from:
         log(
             f"packing: longrope switches RoPE frequencies on the longest sequence of a forward: a sample of "

@@ -304,6 +304,35 @@ def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, l
         inputs["target_index"].tolist()
 
 
+def test_compiled_layers_compile_once_for_every_length(qwen_dir, qwen_data, dist, monkeypatch):
+    """--compile: the setup probe compiles nothing (its no-grad forwards are graphs training never runs), and after
+    the first training minibatch, minibatches of other lengths and sequence counts run without a recompile.
+    Dynamo's guards decide recompiles whatever the backend: its `eager` backend keeps this fast on the CPU. (The
+    one-token row of an empty minibatch, which a rank runs when it has fewer than another, compiles once more: a
+    size of 1 specializes.)"""
+    import functools
+
+    import torch._dynamo
+
+    from sampler import collate, load_tokenized
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, cfg = setup(qwen_dir, dist, compile=True)
+    assert cfg.compile and not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    data = load_tokenized(qwen_data, 10_000)
+    minibatches = [collate(data, idx) for idx in ([0, 1, 2], [3], [4, 5], [5, 1, 3, 0])]
+    model(**minibatches[0].inputs("cpu")).backward()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for mb in minibatches[1:]:
+        model(**mb.inputs("cpu")).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_padded_batch_puts_outputs_back_in_row_order():
     cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     row = torch.arange(100, 109)[None]
