@@ -756,8 +756,9 @@ class OutputDir:
         try:
             self._lock()
             check_output_dir(cfg)  # again, now under the lock: a run that started meanwhile is seen
-        except UserError:
-            self.release(failed=True)
+        except UserError:  # refused: the folder's files are another run's, untouched; only ours are undone
+            self._unlock()
+            remove_empty_folders(self.created)
             raise
         if cfg.overwrite:
             for name in RUN_OUTPUTS + TRACKER_DIRS:
@@ -851,13 +852,16 @@ class OutputDir:
             for name in (STATE_DIR, HF_DIR):
                 with contextlib.suppress(OSError):
                     (self.path / name).rmdir()
+        self._unlock()
+        if failed:
+            remove_empty_folders(self.created)
+
+    def _unlock(self):
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.lock_path)
             os.close(self.fd)
             self.fd = None
-        if failed:
-            remove_empty_folders(self.created)
 
 
 @contextlib.contextmanager

@@ -270,10 +270,13 @@ def test_a_second_run_on_the_folder_is_refused_while_the_first_lives(run, qwen_d
         deadline = time.time() + 120
         while time.time() < deadline and len(metrics(run_dir)) <= STEPS:  # the first run is training
             time.sleep(0.2)
+        params = (run_dir / "training_params.json").read_bytes()
         code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
         line = one_error_line(err)
         assert code == 2 and "in use by another run" in line
         assert f"host {socket.gethostname()}, pid {first.pid}, SLURM job 4242" in line
+        assert (run_dir / "training_params.json").read_bytes() == params, "the refused run touches nothing"
+        assert (run_dir / checkpoint.LOCK_FILE).exists() and (run_dir / "full_state").is_dir()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
