@@ -191,7 +191,7 @@ def tracking(cfg, output_dir: Path, params: dict, resumed_step: int, is_main: bo
 class Trackers:
     """Every metrics row (training and validation) also goes to Weights & Biases (--wandb-project; offline when no
     API key is configured) and/or TensorBoard (--tensorboard-dir). A resumed run continues the same wandb run (its
-    id is kept in output_dir/wandb/) and purges TensorBoard steps past the resume point."""
+    id is kept in output_dir/wandb/) and purges TensorBoard steps past the resume point (a fresh run: every step)."""
 
     def __init__(self, cfg, output_dir: Path, params: dict, resumed_step: int):
         self.wandb_run = self.writer = None
@@ -200,7 +200,9 @@ class Trackers:
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(cfg.tensorboard_dir, purge_step=resumed_step + 1 if resumed_step else None)
+            # TensorBoard hides the folder's earlier events from this step on: steps a resume replays, and a
+            # whole earlier run after --overwrite (which deletes only output_dir/tensorboard/, not a folder elsewhere)
+            self.writer = SummaryWriter(cfg.tensorboard_dir, purge_step=resumed_step + 1)
 
     @staticmethod
     def _start_wandb(project: str, output_dir: Path, params: dict):

@@ -1,6 +1,7 @@
 """Optional trackers: a wandb offline run (no key, no network) and TensorBoard events hold every metric, val_loss
 included; a resumed run continues the same wandb run and TensorBoard drops the replayed steps."""
 
+import json
 import shutil
 import struct
 
@@ -74,6 +75,18 @@ def test_wandb_offline_and_tensorboard_get_every_metric_and_continue_on_resume(q
     events.Reload()
     assert [s.step for s in events.Scalars("loss")] == [1, 2, 3, 4], "replayed steps are not doubled"
     assert [s.step for s in events.Scalars("val_loss")] == [2, 4]
+
+    # --overwrite starts over; the old events stay in a --tensorboard-dir outside the folder but are not shown.
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in [*argv, "--overwrite", "--max-steps", 2, "--seed", 7]])
+    assert e.value.code in (0, None)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    losses = [m["loss"] for m in map(json.loads, open(out / "training_metrics_0.jsonl")) if "loss" in m]
+    assert [(s.step, round(s.value, 5)) for s in events.Scalars("loss")] == [
+        (1, round(losses[0], 5)),
+        (2, round(losses[1], 5)),
+    ]
 
 
 @pytest.mark.parametrize("content", [None, b"", b"\x00\x00garbage\n", b"0123456789ab\n"])
