@@ -42,6 +42,7 @@ from batch_metrics import METRICS_FILE
 from utils import (
     Timer,
     UserError,
+    counted,
     fail,
     first_line,
     gather_objects,
@@ -909,7 +910,7 @@ def trim_metrics(path: Path, step: int) -> int:
     if dropped or unreadable:
         write_atomically(path, "".join(line + "\n" for line in kept))
         log(
-            f"{path}: removed {dropped} rows past the resumed step {step}"
-            + (f" and {unreadable} unreadable lines (a write cut short)" if unreadable else "")
+            f"{path}: removed {counted(dropped, 'row')} past the resumed step {step}"
+            + (f" and {counted(unreadable, 'unreadable line')} (a write cut short)" if unreadable else "")
         )
     return len(kept)

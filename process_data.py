@@ -34,6 +34,7 @@ import typer
 from utils import (
     UserError,
     check_can_create,
+    counted,
     exit_on_user_error,
     fail,
     first_line,
@@ -387,7 +388,8 @@ def print_summary(source, output, tally, lengths, loss_tokens, example, tokenize
 
 def print_block_summary(source, output, tally, blocks, tokenizer, isolate: bool, drop_last: bool):
     print(
-        f"read {tally.read} documents from {source}, wrote {tally.written} blocks of {blocks.size} tokens to {output}"
+        f"read {counted(tally.read, 'document')} from {source}, wrote {counted(tally.written, 'block')} of "
+        f"{blocks.size} tokens to {output}"
     )
     tally.print_skipped()
     print(

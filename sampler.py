@@ -24,7 +24,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from utils import fail, first_line, log, numbered_lines, parse_json
+from utils import counted, fail, first_line, log, numbered_lines, parse_json
 
 IGNORE = -100
 
@@ -202,17 +202,14 @@ def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, d
     if not overlong.any():
         return data
     count, line = int(overlong.sum()), int(data.source_lines[np.argmax(overlong)])
-    what = (
-        f"{count} samples have a sequence longer than the model's {max_positions} positions (the first at line {line})"
-    )
+    what = f"{counted(count, 'sample')} with a sequence longer than the model's {max_positions} positions"
+    what += f" (the first at line {line})"
     if not drop:
         fail(
             f"--data-path {path}: {what}: drop them with --drop-overlong-samples (or --max-sample-num-tokens in process_data.py)"
         )
     if overlong.all():
-        fail(
-            f"--data-path {path}: all {count} samples have a sequence longer than the model's {max_positions} positions"
-        )
+        fail(f"--data-path {path}: every sample has a sequence longer than the model's {max_positions} positions")
     log(f"dropped {what}")
     return select_samples(data, ~overlong)
 

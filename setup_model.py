@@ -472,18 +472,20 @@ def choose_attention(cfg, dist, config) -> str:
         fail(f"--attn-implementation {name}: {cannot}; use --attn-implementation auto, sdpa or eager")
     if name == "flex_attention" and not flex_attention_trains_on(dist.device):
         fail(f"--attn-implementation flex_attention: torch has no backward for it on {dist.device.type}; use auto")
+    cuda = dist.device.type == "cuda"
+    varlen_runs = cuda and VARLEN_KERNEL is not None and cfg.compute_dtype in ("bfloat16", "float16")
+    if name == VARLEN and not varlen_runs:
+        fail(f"--attn-implementation {VARLEN} needs CUDA, bf16/fp16 compute and torch >= 2.10; use auto")
     if name != "auto":
         return name
-    text = text_config(config)
-    if dist.device.type == "cuda":
+    if cuda:
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
             pass
-        softcap = getattr(text, "attn_logit_softcapping", None)
-        if VARLEN_KERNEL is not None and cfg.compute_dtype in ("bfloat16", "float16") and not softcap:
+        if varlen_runs and not getattr(text_config(config), "attn_logit_softcapping", None):
             return VARLEN
     return PER_SEQUENCE
 

@@ -253,6 +253,8 @@ def main(
     seed: int = typer.Option(0, help="Seed for the weights and the conversations."),
 ):
     """Write a tiny model folder that loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
+    if arch not in ARCHS:
+        raise typer.BadParameter(f"{arch!r} is not one of {', '.join(sorted(ARCHS))}", param_hint="--arch")
     build_model(out_dir, arch=arch, seed=seed, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
     if conversations:
         write_jsonl(out_dir / "messages.jsonl", make_conversations(conversations, seed=seed))

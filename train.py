@@ -490,9 +490,11 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
     log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
 
 
-def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ()):
+def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ("--standalone",)):
     """Run `cfg` under torchrun with several processes on this machine (from a notebook or a sweep script): the
-    same config, as the CLI's flags. Raises UserError with the run's error line if it fails."""
+    same config, as the CLI's flags; torchrun's own flags go before train.py (--standalone: a free port, so that
+    launches can run side by side). Returns the finished process, its output captured; raises UserError with the
+    run's error line if it fails."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node), *torchrun_args]
     argv.append(str(Path(__file__).resolve()))
     for f in fields(TrainConfig):

@@ -105,6 +105,11 @@ def log(*args):
         print(*args, flush=True)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 sample', '3 samples'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -134,10 +139,16 @@ class Dist:
         return self.rank == 0
 
 
+_excepthook_before = None  # init_process_group prefixes uncaught errors with the rank; destroy_distributed undoes it
+
+
 def init_distributed():
     """Start the process group: NCCL on CUDA, gloo on CPU. Without torchrun, a 1-process group in memory."""
     import torch
     import torch.distributed as dist
+
+    global _excepthook_before
+    _excepthook_before = sys.excepthook
 
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -221,3 +232,5 @@ def destroy_distributed():
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _excepthook_before is not None:  # a notebook that called train.train() gets its own hook back
+        sys.excepthook = _excepthook_before

@@ -125,12 +125,12 @@ def test_overlong_sequences_stop_or_are_dropped_and_documents_count_apart(tmp_pa
         {"input_ids": [1] * 12, "labels": [1] * 12, "position_ids": [*range(6), *range(6)]},
     ]
     path = write_rows(tmp_path / "d.jsonl", rows)
-    message = "1 samples have a sequence longer than the model's 8 positions (the first at line 2)"
+    message = "1 sample with a sequence longer than the model's 8 positions (the first at line 2)"
     with pytest.raises(UserError, match=re.escape(f"--data-path {path}: {message}: drop them with --drop-overlong")):
         load_tokenized(path, 100, max_positions=8)
     data = load_tokenized(path, 100, max_positions=8, drop_overlong=True)
     assert data.source_lines.tolist() == [1, 3] and f"dropped {message}" in capsys.readouterr().out
-    with pytest.raises(UserError, match="all 3 samples have a sequence longer"):
+    with pytest.raises(UserError, match="every sample has a sequence longer"):
         load_tokenized(path, 100, max_positions=4, drop_overlong=True)
 
 

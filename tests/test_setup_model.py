@@ -174,10 +174,11 @@ def test_auto_attention_on_cuda_takes_the_fastest_kernel_the_model_allows(monkey
     assert gemma2.attn_logit_softcapping
     falcons_own = setup_model.own_attention(falcon)  # imports its modeling code before flash_attn is faked
 
+    required = dict(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64)
+
     def choice(config, compute_dtype="bfloat16", flash=False, varlen=True):
         monkeypatch.setitem(sys.modules, "flash_attn", ModuleType("flash_attn") if flash else None)
         monkeypatch.setattr(setup_model, "VARLEN_KERNEL", (lambda *a, **k: None) if varlen else None)
-        required = dict(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64)
         return setup_model.choose_attention(train.TrainConfig(**required, compute_dtype=compute_dtype), cuda, config)
 
     assert choice(qwen, flash=True) == choice(gemma2, flash=True) == "flash_attention_2"
@@ -186,6 +187,9 @@ def test_auto_attention_on_cuda_takes_the_fastest_kernel_the_model_allows(monkey
     assert choice(qwen, compute_dtype="float32") == setup_model.PER_SEQUENCE
     assert choice(qwen, varlen=False) == setup_model.PER_SEQUENCE  # a torch without torch.nn.attention.varlen
     assert choice(falcon, flash=True) == falcons_own == "sdpa"
+    cfg = train.TrainConfig(**required, compute_dtype="float32", attn_implementation=setup_model.VARLEN)
+    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_varlen needs CUDA, bf16"):
+        setup_model.choose_attention(cfg, cuda, qwen)
 
 
 def test_attention_the_model_cannot_use_falls_back_to_eager(qwen_dir, qwen_data, dist, monkeypatch, capsys):

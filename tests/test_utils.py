@@ -34,7 +34,7 @@ def test_trim_metrics_drops_unreadable_lines(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[" * 100_000 + "\n" + '{"step": "2"}\n')
     assert checkpoint.trim_metrics(path, 2) == 2
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
-    assert "removed 2 rows past the resumed step 2 and 1 unreadable lines" in capsys.readouterr().out
+    assert "removed 2 rows past the resumed step 2 and 1 unreadable line (a write" in capsys.readouterr().out
 
 
 def test_a_full_disk_is_named_behind_wrapping_errors():
@@ -50,3 +50,22 @@ def test_a_full_disk_is_named_behind_wrapping_errors():
     rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     assert checkpoint.describe_error(rust) == "No space left on device (safetensors)"
     assert checkpoint.describe_error(ValueError("bad\nmore")) == "ValueError: bad"
+
+
+def test_the_process_group_gives_back_the_excepthook():
+    """init_process_group installs a hook that prefixes uncaught errors with the rank; a notebook that called
+    train.train() gets its own hook back."""
+    import sys
+
+    def mine(*args):
+        return None
+
+    before = sys.excepthook
+    sys.excepthook = mine
+    try:
+        utils.init_distributed()
+        assert sys.excepthook is not mine  # torch's
+        utils.destroy_distributed()
+        assert sys.excepthook is mine
+    finally:
+        sys.excepthook = before
