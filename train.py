@@ -482,7 +482,8 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
             if saver.maybe_save(model, optimizer, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
             step_timer = Timer()  # after any validation or save: neither is part of the next step's time
-    if validation.due(state.step, final=True):
+    # The end of a launch that trained: a launch that resumed at the end has its step's val_loss from the last one
+    if state.step > start_step and validation.due(state.step, final=True):
         validate(validation, model, optimizer, state, metrics, saver)
     saver.save_final(model, optimizer, state)
     if state.step == start_step:

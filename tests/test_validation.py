@@ -76,6 +76,9 @@ def test_val_loss_is_the_exact_mean_on_one_rank_from_a_thread(qwen_dir, data_pat
     assert errors == [None]
     check_val_rows(out, data_paths, [2, 4, 5])
     assert not (out / checkpoint.LOCK_FILE).exists()
+    cfg.resume = True  # nothing left to do: no step and no val_loss row twice
+    train.train(cfg)
+    check_val_rows(out, data_paths, [2, 4, 5])
 
 
 def test_val_loss_on_two_ranks_through_launch(qwen_dir, data_paths, tmp_path):
