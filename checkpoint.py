@@ -615,7 +615,7 @@ class Saver:
         hashing = self._write(STATE_DIR, name, lambda tmp: self._write_state(model, optimizer, state, tmp))
         hashing += self._write(HF_DIR, name, lambda tmp: self._write_hf(model, tmp))
         if self.dist.is_main:
-            self.prune()
+            self.prune(state.samples_seen)
         self.last_saved_samples = state.samples_seen
         log(f"saved checkpoint {self.output_dir / HF_DIR / name} ({timer.elapsed():.1f} s, hashing {hashing:.1f} s)")
 
@@ -684,14 +684,20 @@ class Saver:
         write_hf_files(full, self.model_config, self.cfg.save_dtype, self.tokenizer, self.generation_config, tmp)
         return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
 
-    def prune(self):
-        """Keep the newest --keep-last-checkpoints (and the best by val_loss with --keep-best-checkpoint)."""
+    def prune(self, saved: int):
+        """After saving samples_`saved`: checkpoints numbered past it hold a history this run replaced (it resumed
+        from an earlier one: --resume-from, or --resume past a damaged newest), removed as its metrics rows were;
+        else --resume would go back to them. Then keep the newest --keep-last-checkpoints (and the best by
+        val_loss with --keep-best-checkpoint)."""
         keep = self.cfg.keep_last_checkpoints
-        if keep is None:
-            return
         best = self.best["samples"] if self.best else None
         for kind in (HF_DIR, STATE_DIR):
-            for samples, path in checkpoints(self.output_dir, kind)[:-keep]:
+            found = checkpoints(self.output_dir, kind)
+            ours = [(samples, path) for samples, path in found if samples <= saved]
+            for samples, path in found[len(ours) :]:
+                log(f"removing {path}: past samples_{saved}, from the history this run replaced")
+                shutil.rmtree(path)
+            for samples, path in ours[: -keep if keep else 0]:
                 if samples != best:
                     shutil.rmtree(path)
 
