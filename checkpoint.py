@@ -529,6 +529,7 @@ class Saver:
         self.cfg, self.output_dir, self.dist = cfg, Path(output_dir), dist
         self.model_config, self.settings, self.num_steps = model_config, settings, num_steps
         self.last_saved_samples = None
+        self.replaces_after = None  # a resumed run's starting point: later checkpoints go after its first step
         self.best = None  # {"val_loss", "samples"} of the best checkpoint, with --keep-best-checkpoint
         self.signal_received = None
         self.tokenizer = self.generation_config = None
@@ -538,6 +539,7 @@ class Saver:
     def resumed(self, meta: dict, state: TrainState):
         self.last_saved_samples = state.samples_seen  # a resumed run does not save its starting point again
         self.best = meta.get("best")
+        self.replaces_after = state.samples_seen
 
     @contextlib.contextmanager
     def catching_preemption(self):
@@ -583,6 +585,10 @@ class Saver:
         """Save if due; returns True when a preemption signal asks the run to stop (after saving)."""
         from utils import any_rank
 
+        if self.replaces_after is not None:  # the first finished step of a resumed run
+            if self.dist.is_main:
+                self.remove_replaced(self.replaces_after)
+            self.replaces_after = None
         preempted = any_rank(self.signal_received is not None, self.dist.device)
         every = self.cfg.min_samples_per_checkpoint
         last = self.last_saved_samples or 0
@@ -615,7 +621,7 @@ class Saver:
         hashing = self._write(STATE_DIR, name, lambda tmp: self._write_state(model, optimizer, state, tmp))
         hashing += self._write(HF_DIR, name, lambda tmp: self._write_hf(model, tmp))
         if self.dist.is_main:
-            self.prune(state.samples_seen)
+            self.prune()
         self.last_saved_samples = state.samples_seen
         log(f"saved checkpoint {self.output_dir / HF_DIR / name} ({timer.elapsed():.1f} s, hashing {hashing:.1f} s)")
 
@@ -684,21 +690,25 @@ class Saver:
         write_hf_files(full, self.model_config, self.cfg.save_dtype, self.tokenizer, self.generation_config, tmp)
         return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
 
-    def prune(self, saved: int):
-        """After saving samples_`saved`: checkpoints numbered past it hold a history this run replaced (it resumed
-        from an earlier one: --resume-from, or --resume past a damaged newest), removed as its metrics rows were;
-        else --resume would go back to them. Then keep the newest --keep-last-checkpoints (and the best by
-        val_loss with --keep-best-checkpoint)."""
+    def prune(self):
+        """Keep the newest --keep-last-checkpoints (and the best by val_loss with --keep-best-checkpoint)."""
         keep = self.cfg.keep_last_checkpoints
+        if keep is None:
+            return
         best = self.best["samples"] if self.best else None
         for kind in (HF_DIR, STATE_DIR):
-            found = checkpoints(self.output_dir, kind)
-            ours = [(samples, path) for samples, path in found if samples <= saved]
-            for samples, path in found[len(ours) :]:
-                log(f"removing {path}: past samples_{saved}, from the history this run replaced")
-                shutil.rmtree(path)
-            for samples, path in ours[: -keep if keep else 0]:
+            for samples, path in checkpoints(self.output_dir, kind)[:-keep]:
                 if samples != best:
+                    shutil.rmtree(path)
+
+    def remove_replaced(self, resumed_samples: int):
+        """Checkpoints numbered past the one this run resumed from (--resume-from an earlier one, or --resume past
+        a damaged newest) hold the history the run replaces, as it replaced that history's metrics rows: once the
+        run has finished a step, they go (else pruning would keep them as the newest and --resume would go back)."""
+        for kind in (HF_DIR, STATE_DIR):
+            for samples, path in checkpoints(self.output_dir, kind):
+                if samples > resumed_samples:
+                    log(f"removing {path}: past samples_{resumed_samples}, from the history this run replaced")
                     shutil.rmtree(path)
 
 

@@ -393,3 +393,18 @@ def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch, capfd):
     assert "no flock" in capfd.readouterr().out
     held.release(failed=False)
     assert not lock.exists()
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_replaces_the_later_ones(run, qwen_dir, data_path, run_dir):
+    """--resume-from samples_8 in a folder holding 16 and 24: once the run finishes a step, those are the history
+    it replaced (as its metrics rows were); its own saves are kept, even with --keep-last-checkpoints 1, and a later
+    --resume continues from them."""
+    resume_from = ("--resume-from", run_dir / "full_state/samples_8", "--keep-last-checkpoints", 1)
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, *resume_from, steps=2))
+    assert code == 0, err
+    for kind in ("full_state", "hf_format"):
+        assert sorted(p.name for p in (run_dir / kind).iterdir()) == ["samples_16"]
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
+    assert code == 0, err
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]

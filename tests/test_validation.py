@@ -117,21 +117,6 @@ def test_pruning_keeps_the_best_checkpoint(tmp_path):
     saver = checkpoint.Saver.__new__(checkpoint.Saver)
     saver.cfg, saver.output_dir = SimpleNamespace(keep_last_checkpoints=1), tmp_path
     saver.best = {"val_loss": 1.5, "samples": 16}
-    saver.prune(32)
+    saver.prune()
     for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
         assert sorted(p.name for p in (tmp_path / kind).iterdir()) == ["samples_16", "samples_32"]
-
-
-@pytest.mark.parametrize("keep", [None, 1])
-def test_pruning_removes_the_history_a_resumed_run_replaced(tmp_path, keep):
-    """A run resumed from samples_16 (--resume-from, or --resume past a damaged samples_32) saves samples_20: the
-    checkpoints past it are another history (--resume would go back to them), the one just saved is kept."""
-    for samples in (8, 16, 20, 24, 32):
-        for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
-            (tmp_path / kind / f"samples_{samples}").mkdir(parents=True)
-    saver = checkpoint.Saver.__new__(checkpoint.Saver)
-    saver.cfg, saver.output_dir, saver.best = SimpleNamespace(keep_last_checkpoints=keep), tmp_path, None
-    saver.prune(20)
-    for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
-        kept = ["samples_16", "samples_20", "samples_8"] if keep is None else ["samples_20"]
-        assert sorted(p.name for p in (tmp_path / kind).iterdir()) == kept
