@@ -766,6 +766,7 @@ class OutputDir:
         self.fd = None
         self.created: list[Path] = []
         self.params_before: bytes | None = None
+        self.metrics_before: bytes | None = None
         self.rows_at_launch: int | None = None
 
     def take(self, cfg):
@@ -836,7 +837,9 @@ class OutputDir:
         if self.is_main:
             try:
                 write_atomically(self.path / PARAMS_FILE, json.dumps(params | self._launches(), indent=2) + "\n")
-                self.rows_at_launch = trim_metrics(self.path / METRICS_FILE, resumed_step)
+                metrics = self.path / METRICS_FILE
+                self.metrics_before = metrics.read_bytes() if metrics.is_file() else None
+                self.rows_at_launch = trim_metrics(metrics, resumed_step)
             except OSError as e:
                 error = f"cannot write in --output-dir {self.path}: {describe_error(e)}"
         stop_if_any(error)
@@ -864,8 +867,11 @@ class OutputDir:
                     params.write_bytes(self.params_before)
                 elif params.is_file():
                     params.unlink()
-            if metrics.exists() and metrics.stat().st_size == 0:
-                metrics.unlink()
+            with contextlib.suppress(OSError):  # rows trimmed at launch come back: this launch replaced nothing
+                if self.metrics_before is not None:
+                    write_atomically(metrics, self.metrics_before)
+                elif metrics.exists() and metrics.stat().st_size == 0:
+                    metrics.unlink()
             for name in (STATE_DIR, HF_DIR):
                 with contextlib.suppress(OSError):
                     (self.path / name).rmdir()

@@ -77,11 +77,11 @@ def make_folders(folder: Path) -> list[Path]:
     return created
 
 
-def write_atomically(path: Path, text: str):
+def write_atomically(path: Path, content: str | bytes):
     """Write a small file so that a reader (or a kill) never sees half of it: a temp file, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -408,3 +408,18 @@ def test_a_run_resumed_from_an_earlier_checkpoint_replaces_the_later_ones(run, q
     code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume"))
     assert code == 0, err
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_launch_that_fails_before_its_first_step_leaves_the_folder_as_it_was(run, qwen_dir, data_path, run_dir):
+    """--resume-from samples_8 trims the metrics rows past step 1 at launch; the trackers then fail to start (the
+    TensorBoard folder is a file): the rows, training_params.json and every checkpoint are as before."""
+    files = {name: (run_dir / name).read_bytes() for name in ("training_metrics_0.jsonl", "training_params.json")}
+    blocker = run_dir.parent / "not_a_folder"
+    blocker.write_text("")
+    flags = ("--resume-from", run_dir / "full_state/samples_8", "--tensorboard-dir", blocker)
+    code, out, err = run(*argv(qwen_dir, data_path, run_dir, *flags))
+    assert code == 2 and "could not start the trackers" in one_error_line(err)
+    assert "removed 2 rows past the resumed step 1" in out
+    assert {name: (run_dir / name).read_bytes() for name in files} == files
+    for kind in ("full_state", "hf_format"):
+        assert sorted(p.name for p in (run_dir / kind).iterdir()) == ["samples_16", "samples_24", "samples_8"]
