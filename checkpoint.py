@@ -728,8 +728,14 @@ def check_output_dir(cfg):
             f"--output-dir {out} already holds a run ({', '.join(n for n in RUN_OUTPUTS if (out / n).exists())}): "
             "add --resume to continue it, --overwrite to replace it, or choose another folder"
         )
-    if cfg.overwrite and cfg.resume_from and Path(cfg.output_dir).resolve() in Path(cfg.resume_from).resolve().parents:
+    inside = cfg.resume_from and out.resolve() in Path(cfg.resume_from).resolve().parents
+    if cfg.overwrite and inside:
         fail("--overwrite would delete the checkpoint --resume-from names: copy it elsewhere first")
+    if cfg.resume_from and not inside and not cfg.overwrite and out.is_dir() and holds_a_run(out):
+        fail(
+            f"--resume-from {cfg.resume_from} is not a checkpoint of --output-dir {out}, which holds another run: "
+            "their metrics and checkpoints would mix; add --overwrite to replace that run, or choose another folder"
+        )
 
 
 def lock_holder() -> dict:

@@ -228,16 +228,18 @@ def training_params(cfg: TrainConfig, dist) -> dict:
     }
 
 
-def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps):
-    """With --resume/--resume-from: the checkpoint's state after checking the settings match; else step 0."""
+def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps, given=None):
+    """With --resume/--resume-from: the checkpoint's state after checking the settings match; else step 0.
+    `given`: --resume-from's (path, trainer state), found and checked already."""
     import checkpoint
     import setup_model
 
-    found = checkpoint.find_resume_state(cfg, saver.output_dir, dist)
+    found = given or checkpoint.find_resume_state(cfg, saver.output_dir, dist)
     if found is None:
         return checkpoint.TrainState()
     path, meta = found
-    checkpoint.check_resumable(path, meta, saver.settings, num_steps)
+    if not given:
+        checkpoint.check_resumable(path, meta, saver.settings, num_steps)
     state = checkpoint.load(path, meta, model, optimizer, sampler, dist)
     saver.resumed(meta, state)
     # The lr of step t is the schedule of this launch's length at t (a longer run changes the curve from here on).
@@ -415,11 +417,15 @@ def run_training(cfg: TrainConfig, dist, model_config):
         f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
         + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
     )
+    # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
+    given = checkpoint.find_resume_state(cfg, Path(cfg.output_dir), dist) if cfg.resume_from else None
+    if given:
+        checkpoint.check_resumable(*given, settings, num_steps)
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with checkpoint.claimed_output_dir(cfg, dist) as out:
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
-        state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
+        state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps, given)
         params = training_params(cfg, dist)
         out.record_launch(params, state.step)
         with (

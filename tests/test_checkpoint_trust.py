@@ -423,3 +423,24 @@ def test_a_launch_that_fails_before_its_first_step_leaves_the_folder_as_it_was(r
     assert {name: (run_dir / name).read_bytes() for name in files} == files
     for kind in ("full_state", "hf_format"):
         assert sorted(p.name for p in (run_dir / kind).iterdir()) == ["samples_16", "samples_24", "samples_8"]
+
+
+def test_resume_from_another_folder_into_a_folder_holding_a_run_is_refused(run, qwen_dir, data_path, run_dir):
+    """The two runs' metrics rows and checkpoints would mix: refused before anything is touched."""
+    other = run_dir.parent / "other"
+    shutil.copytree(run_dir, other)
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    code, out, err = run(*argv(qwen_dir, data_path, other, "--resume-from", run_dir / "full_state/samples_8"))
+    assert code == 2 and "is not a checkpoint of --output-dir" in one_error_line(err)
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
+
+
+def test_overwrite_keeps_the_folder_when_the_resume_from_checkpoint_is_refused(run, qwen_dir, data_path, run_dir):
+    """--overwrite --resume-from a damaged checkpoint elsewhere: refused before --overwrite deletes anything."""
+    other = run_dir.parent / "other"
+    shutil.copytree(run_dir, other)
+    (run_dir / NEWEST / "trainer_state.json").write_text("{}")
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    code, out, err = run(*argv(qwen_dir, data_path, other, "--overwrite", "--resume-from", run_dir / NEWEST))
+    assert code == 2 and one_error_line(err).startswith(f"error: --resume-from {run_dir / NEWEST}")
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
