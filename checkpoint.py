@@ -773,6 +773,7 @@ class OutputDir:
         self.created: list[Path] = []
         self.params_before: bytes | None = None
         self.metrics_before: bytes | None = None
+        self.new_trackers: list[str] = []
         self.rows_at_launch: int | None = None
 
     def take(self, cfg):
@@ -794,6 +795,7 @@ class OutputDir:
         remove_partial_saves(self.path)
         params = self.path / PARAMS_FILE
         self.params_before = params.read_bytes() if params.is_file() else None
+        self.new_trackers = [name for name in TRACKER_DIRS if not (self.path / name).exists()]
 
     def _lock(self):
         for _ in range(3):  # a holder that removes the file between our open() and flock(): open the new one
@@ -881,6 +883,8 @@ class OutputDir:
             for name in (STATE_DIR, HF_DIR):
                 with contextlib.suppress(OSError):
                     (self.path / name).rmdir()
+            for name in self.new_trackers:  # else the next fresh run here would continue this run's wandb run
+                shutil.rmtree(self.path / name, ignore_errors=True)
         self._unlock()
         if failed:
             remove_empty_folders(self.created)

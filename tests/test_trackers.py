@@ -89,6 +89,29 @@ def test_wandb_offline_and_tensorboard_get_every_metric_and_continue_on_resume(q
     ]
 
 
+def test_a_fresh_run_that_fails_in_its_first_step_leaves_no_tracker_folder(qwen_dir, tmp_path, monkeypatch):
+    """Else the next fresh run into the folder would continue the failed run's wandb run (its id file stayed)."""
+    import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = tokenized_conversations(tmp_path, qwen_dir, 10, seed=4, max_tokens=CAP_SMALL)
+    out = tmp_path / "run"
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(train, "forward_loss_sum", out_of_memory)
+    argv = [
+        "--model-name-or-path", qwen_dir, "--data-path", data, "--output-dir", out, "--batch-size", 4,
+        "--max-tokens-per-gpu", CAP_SMALL, "--max-steps", 2, "--wandb-project", "leantrain-test",
+        "--tensorboard-dir", out / "tensorboard",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        train.main([str(a) for a in argv])
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content", [None, b"", b"\x00\x00garbage\n", b"0123456789ab\n"])
 def test_wandb_run_id_file(content, tmp_path, monkeypatch, capsys):
     """The run id survives a resume; a missing, empty (a kill mid-write) or damaged id file starts a new run
