@@ -383,6 +383,14 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
     )
 
 
+def resume_state(cfg, output_dir: Path, dist, settings: dict, num_steps: int | None) -> tuple[Path, dict] | None:
+    """find_resume_state's checkpoint, once check_resumable has accepted it for this run."""
+    found = find_resume_state(cfg, output_dir, dist)
+    if found:
+        check_resumable(*found, settings, num_steps)
+    return found
+
+
 def check_resumable(path: Path, meta: dict, settings: dict, num_steps: int | None):
     """The run must repeat the checkpoint's settings (one line lists every difference); its length may grow."""
     saved = meta["settings"]
@@ -872,7 +880,7 @@ class OutputDir:
             params = self.path / PARAMS_FILE
             with contextlib.suppress(OSError):  # a failure to write it may be why the run failed
                 if self.params_before is not None:
-                    params.write_bytes(self.params_before)
+                    write_atomically(params, self.params_before)
                 elif params.is_file():
                     params.unlink()
             with contextlib.suppress(OSError):  # rows trimmed at launch come back: this launch replaced nothing

@@ -234,12 +234,10 @@ def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_
     import checkpoint
     import setup_model
 
-    found = given or checkpoint.find_resume_state(cfg, saver.output_dir, dist)
+    found = given or checkpoint.resume_state(cfg, saver.output_dir, dist, saver.settings, num_steps)
     if found is None:
         return checkpoint.TrainState()
     path, meta = found
-    if not given:
-        checkpoint.check_resumable(path, meta, saver.settings, num_steps)
     state = checkpoint.load(path, meta, model, optimizer, sampler, dist)
     saver.resumed(meta, state)
     # The lr of step t is the schedule of this launch's length at t (a longer run changes the curve from here on).
@@ -418,9 +416,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
         + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
     )
     # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
-    given = checkpoint.find_resume_state(cfg, Path(cfg.output_dir), dist) if cfg.resume_from else None
-    if given:
-        checkpoint.check_resumable(*given, settings, num_steps)
+    given = checkpoint.resume_state(cfg, Path(cfg.output_dir), dist, settings, num_steps) if cfg.resume_from else None
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with checkpoint.claimed_output_dir(cfg, dist) as out:
