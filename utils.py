@@ -228,9 +228,19 @@ def broadcast_buffers(model):
 
 
 def destroy_distributed():
+    """End the process group, its threads included. FSDP2's DeviceMesh holds the group in `_pg_registry`, and
+    meshes outlive their model in DTensor's sharding caches, so destroy_process_group alone leaves gloo's (or
+    NCCL's) threads running until the interpreter tears down, where they now and then abort the process ("terminate
+    called without an active exception", pytorch#190489): the meshes let go of their groups here."""
+    import gc
+
     import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
     if dist.is_initialized():
         dist.destroy_process_group()
+        for mesh in (o for o in gc.get_objects() if isinstance(o, DeviceMesh)):
+            getattr(mesh, "_pg_registry", {}).clear()  # where torch keeps them (2.13); nothing to do where it does not
+        gc.collect()
     if _excepthook_before is not None:  # a notebook that called train.train() gets its own hook back
         sys.excepthook = _excepthook_before

@@ -66,8 +66,10 @@ GPU_ENV = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
 
 def cpu_env(extra: dict | None = None) -> dict:
     """Environment for a subprocess, pinned to the CPU unless `extra` says otherwise: the exactness tests compare
-    fp32 runs, and several ranks on a machine with fewer GPUs than ranks must not reach for one each."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
+    fp32 runs, and several ranks on a machine with fewer GPUs than ranks must not reach for one each. A process that
+    dies of a signal prints every thread's Python stack (PYTHONFAULTHANDLER): a rare abort in CI says where it was."""
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return {**os.environ, **env, **(extra or {})}
 
 
 def run(cmd, cwd, env, timeout) -> subprocess.CompletedProcess:

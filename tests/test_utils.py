@@ -1,6 +1,8 @@
 """utils: the one-line error for more local ranks than GPUs, raised before any process group or CUDA work."""
 
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +52,31 @@ def test_a_full_disk_is_named_behind_wrapping_errors():
     rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     assert checkpoint.describe_error(rust) == "No space left on device (safetensors)"
     assert checkpoint.describe_error(ValueError("bad\nmore")) == "ValueError: bad"
+
+
+def test_destroying_the_process_group_ends_its_threads():
+    """After FSDP2 the group's gloo threads used to outlive destroy_process_group (a DeviceMesh kept in DTensor's
+    caches holds the group) and now and then aborted the process as the interpreter tore down."""
+    import os
+
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    def gloo_threads():
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        return sorted(n for n in names if "gloo" in n)
+
+    before = gloo_threads()
+    utils.init_distributed()
+    assert len(gloo_threads()) > len(before)  # the group's own (the check below can fail)
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model(torch.ones(2, 4)).sum().backward()
+    del model
+    utils.destroy_distributed()
+    assert gloo_threads() == before
 
 
 def test_the_process_group_gives_back_the_excepthook():
