@@ -239,7 +239,7 @@ def destroy_distributed():
 
     if dist.is_initialized():
         dist.destroy_process_group()
-        for mesh in (o for o in gc.get_objects() if isinstance(o, DeviceMesh)):
+        for mesh in (o for o in gc.get_objects() if issubclass(type(o), DeviceMesh)):  # not isinstance: dead proxies
             getattr(mesh, "_pg_registry", {}).clear()  # where torch keeps them (2.13); nothing to do where it does not
         gc.collect()
     if _excepthook_before is not None:  # a notebook that called train.train() gets its own hook back
