@@ -526,18 +526,21 @@ class Prefetcher:
     def _produce(self, data, sampler, batch_sizes, args):
         try:
             for count in batch_sizes:
-                item = make_step_batch(data, sampler, count, *args)
-                while not self._stop:
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop:
+                if not self._put(make_step_batch(data, sampler, count, *args)):
                     return
-            self._queue.put(None)
+            self._put(None)
         except BaseException as e:  # surfaced in the training thread
-            self._queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless the loop stopped taking them (a preemption, an error): False then."""
+        while not self._stop:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self):
         while (item := self._queue.get()) is not None:

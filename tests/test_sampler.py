@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -351,3 +352,14 @@ def test_prefetcher_matches_direct_computation_and_surfaces_errors(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         list(sampler.Prefetcher(data, GlobalSampler(len(data), 3), bad_sizes(), 120, 0, 1))
+
+
+def test_a_prefetcher_the_loop_stopped_reading_ends_at_once(tmp_path):
+    """The loop leaves early (a preemption save, an error) with the queue full: the thread must not stay blocked on
+    its last item, or close() waits its 5 s timeout and leaves the thread running into interpreter teardown."""
+    data = load_tokenized(write_rows(tmp_path / "d.jsonl", random_rows(40)), 100)
+    fetcher = sampler.Prefetcher(data, GlobalSampler(len(data), 3), iter([4]), 120, 0, 1, depth=1)
+    while not fetcher._queue.full():  # its one step is queued; the end of the stream waits behind it
+        time.sleep(0.01)
+    fetcher.close()
+    assert not fetcher._thread.is_alive()
