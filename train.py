@@ -6,6 +6,7 @@
 `python train.py ...` (no torchrun) runs as one process. Every flag is a field of `TrainConfig` below.
 """
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from utils import Timer, exit_on_user_error, fail, log
+from utils import Timer, UserError, exit_on_user_error, fail, log
 
 LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
 MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
@@ -340,6 +341,18 @@ def validate(validation, model, optimizer, state, metrics, saver):
     saver.note_validation(row["val_loss"], model, optimizer, state)
 
 
+def val_loss_logged(dist, output_dir, step: int) -> bool:
+    """Whether the run's metrics file has a val_loss row for `step` (rank 0 reads it; every rank gets its answer)."""
+    from batch_metrics import read_metrics
+    from utils import any_rank
+
+    found = False
+    if dist.is_main:
+        with contextlib.suppress(UserError):  # no file, or no step in it: measure again
+            found = any(row["step"] == step for row in read_metrics(output_dir)[1])
+    return any_rank(found, dist.device)
+
+
 def forward_loss_sum(model, mb, device):
     """Summed cross-entropy of one padding-free minibatch (moved to the device here)."""
     return model(**mb.inputs(device))
@@ -484,8 +497,11 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
             if saver.maybe_save(model, optimizer, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
             step_timer = Timer()  # after any validation or save: neither is part of the next step's time
-    # The end of a launch that trained: a launch that resumed at the end has its step's val_loss from the last one
-    if state.step > start_step and validation.due(state.step, final=True):
+    # The end: a launch that resumed at the end has its step's val_loss from the last one, unless that one was
+    # killed after its last save and before measuring it
+    if validation.due(state.step, final=True) and (
+        state.step > start_step or not val_loss_logged(dist, saver.output_dir, state.step)
+    ):
         validate(validation, model, optimizer, state, metrics, saver)
     saver.save_final(model, optimizer, state)
     if state.step == start_step:

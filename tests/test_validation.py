@@ -79,6 +79,12 @@ def test_val_loss_is_the_exact_mean_on_one_rank_from_a_thread(qwen_dir, data_pat
     cfg.resume = True  # nothing left to do: no step and no val_loss row twice
     train.train(cfg)
     check_val_rows(out, data_paths, [2, 4, 5])
+    metrics = out / "training_metrics_0.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1]).keys() >= {"step", "val_loss"} and json.loads(lines[-1])["step"] == 5
+    metrics.write_text("".join(lines[:-1]))  # as if killed after its last save, before measuring the last val_loss
+    train.train(cfg)  # the resume at the end measures it
+    check_val_rows(out, data_paths, [2, 4, 5])
 
 
 def test_val_loss_on_two_ranks_through_launch(qwen_dir, data_paths, tmp_path):
