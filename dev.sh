@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two commands of a fresh clone; each does all the set-up it needs by itself:
 #   ./dev.sh demo [demo.py flags]    the tiny model learns to reverse digit strings (about 1.5 minutes on 2 CPU cores)
-#   ./dev.sh test [pytest flags]     the test suite (about 9 minutes on 2 CPU cores)
+#   ./dev.sh test [pytest flags]     the test suite (about 8 minutes on 2 CPU cores)
 # Set-up, skipped where done already: a virtual environment in .venv/ (VENV=dir for another place, PYTHON=python3.12
 # to build it from another interpreter), torch, then `pip install -e ".[dev]"` (again whenever pyproject.toml changes).
 # Torch, decided once, when .venv/ is created or has none:
