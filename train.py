@@ -455,7 +455,7 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
     from sampler import Prefetcher
     from utils import all_reduce_sum
 
-    start_step = state.step
+    start_step, preempted = state.step, False
     with Prefetcher(
         data,
         sampler,
@@ -494,13 +494,16 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
             )
             if validation.due(state.step):
                 validate(validation, model, optimizer, state, metrics, saver)
-            if saver.maybe_save(model, optimizer, state):
+            if preempted := saver.maybe_save(model, optimizer, state):
                 break  # a preemption signal arrived: saved, now exit cleanly
             step_timer = Timer()  # after any validation or save: neither is part of the next step's time
     # The end: a launch that resumed at the end has its step's val_loss from the last one, unless that one was
-    # killed after its last save and before measuring it
-    if validation.due(state.step, final=True) and (
-        state.step > start_step or not val_loss_logged(dist, saver.output_dir, state.step)
+    # killed after its last save and before measuring it. A preempted launch measures nothing: its grace period
+    # is short, and the run is not at its end.
+    if (
+        not preempted
+        and validation.due(state.step, final=True)
+        and (state.step > start_step or not val_loss_logged(dist, saver.output_dir, state.step))
     ):
         validate(validation, model, optimizer, state, metrics, saver)
     saver.save_final(model, optimizer, state)

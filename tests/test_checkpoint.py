@@ -132,7 +132,7 @@ def test_two_ranks_resumed_on_one_extends_a_finished_run(qwen_dir, data_path, tm
 def test_sigterm_saves_and_stops(qwen_dir, data_path, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, *map(str, args(qwen_dir, data_path, out, 100_000))],
+        [sys.executable, *map(str, args(qwen_dir, data_path, out, 100_000, "--validation-split", "0.1"))],
         cwd=ROOT,
         env=cpu_env(),
         stdout=subprocess.PIPE,
@@ -146,6 +146,7 @@ def test_sigterm_saves_and_stops(qwen_dir, data_path, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "preemption signal received" in stdout
+    assert not [m for m in metrics(out) if "val_loss" in m]  # no validation in the grace period (none was due)
     done = metrics(out)[-1]
     assert names(out, "hf_format") == [f"samples_{done['samples_seen']}"]
     assert names(out, "full_state") == [f"samples_{done['samples_seen']}"]
