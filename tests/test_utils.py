@@ -54,12 +54,13 @@ def test_a_full_disk_is_named_behind_wrapping_errors():
     assert checkpoint.describe_error(ValueError("bad\nmore")) == "ValueError: bad"
 
 
-def test_destroying_the_process_group_ends_its_threads():
+def test_destroying_the_process_group_ends_its_threads(monkeypatch):
     """After FSDP2 the group's gloo threads used to outlive destroy_process_group (a DeviceMesh kept in DTensor's
-    caches holds the group) and now and then aborted the process as the interpreter tore down."""
+    caches holds the group) and now and then aborted the process as the interpreter tore down. A CPU group and mesh
+    on any machine (on a GPU one init_distributed would start NCCL)."""
     import os
 
-    import torch
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     def gloo_threads():
@@ -70,12 +71,15 @@ def test_destroying_the_process_group_ends_its_threads():
         return sorted(n for n in names if "gloo" in n)
 
     before = gloo_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     utils.init_distributed()
-    assert len(gloo_threads()) > len(before)  # the group's own (the check below can fail)
-    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-    model(torch.ones(2, 4)).sum().backward()
-    del model
-    utils.destroy_distributed()
+    try:
+        assert len(gloo_threads()) > len(before)  # the group's own (the check below can fail)
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh=init_device_mesh("cpu", (1,)))
+        model(torch.ones(2, 4)).sum().backward()
+        del model
+    finally:
+        utils.destroy_distributed()
     assert gloo_threads() == before
 
 
