@@ -48,6 +48,9 @@ ROLES = {"system", "user", "assistant", "tool", "pretrain"}
 # balance processes and to keep the chunks in flight small whatever the lines' size.
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
+DOCUMENT_COLUMN = "document"  # document mode's default --document-column-name
+# The summary shows this many characters of the first block: a whole one is ~10,000 at a block size of 2048.
+EXAMPLE_CHARS = 300
 
 
 class InvalidLine(Exception):
@@ -84,7 +87,13 @@ def parse_object(raw: bytes) -> dict:
 def parse_messages(obj: dict) -> list[dict]:
     """Validate a chat line's object; return its messages or raise InvalidLine."""
     if "messages" not in obj:
-        raise InvalidLine("missing_messages", "missing field 'messages'")
+        # --document-column-name needs --pretrain-block-size, so without it only the default column can be meant.
+        hint = (
+            f" (this line has a {DOCUMENT_COLUMN!r} field: for documents, pass --pretrain-block-size N)"
+            if DOCUMENT_COLUMN in obj
+            else ""
+        )
+        raise InvalidLine("missing_messages", f"missing field 'messages'{hint}")
     messages = obj["messages"]
     if not isinstance(messages, list):
         raise InvalidLine("bad_messages", f"field 'messages' must be a list, got {type(messages).__name__}")
@@ -408,8 +417,14 @@ def print_block_summary(source, output, tally, blocks, tokenizer, isolate: bool,
         print("documents: kept apart (position_ids restart at each document start)")
     else:
         print("documents: one stream, attention crosses document boundaries inside a block (--isolate-documents)")
-    print("example (block 1, decoded; every token is trained on):")
-    print(tokenizer.decode(blocks.example))
+    text = tokenizer.decode(blocks.example)
+    print(
+        f"example (block 1, tokenized as line 1 of {output}; {blocks.example_targets} of its {len(blocks.example)} "
+        "tokens are targets), decoded:"
+    )
+    if len(text) > EXAMPLE_CHARS:
+        text = f"{text[:EXAMPLE_CHARS]}… [{len(text) - EXAMPLE_CHARS} more characters]"
+    print(text)
 
 
 def remove_stale_temp_files(output_file: Path):
@@ -533,7 +548,8 @@ class Blocks:
     loss_tokens: int = 0
     last: int = 0  # tokens left for a final partial block (0: the documents filled whole blocks)
     last_written: bool = False
-    example: list[int] | None = None
+    example: list[int] | None = None  # the first block written
+    example_targets: int = 0  # its loss-counted tokens
 
 
 def positions_in_documents(lengths):
@@ -581,7 +597,7 @@ def write_blocks(results, out, tally: Tally, source: str, skip_invalid: bool, si
         blocks.tokens += len(ids)
         blocks.loss_tokens += num_loss
         if blocks.example is None:
-            blocks.example = ids.tolist()
+            blocks.example, blocks.example_targets = ids.tolist(), num_loss
         return True
 
     for skipped, tokens, lengths in results:
@@ -665,7 +681,7 @@ def main(
     if pretrain_block_size is None:
         work = functools.partial(process_chunk, tokenizer, source=source, max_tokens=max_sample_num_tokens)
     else:
-        work = functools.partial(process_documents, tokenizer, column=document_column_name or "document")
+        work = functools.partial(process_documents, tokenizer, column=document_column_name or DOCUMENT_COLUMN)
 
     created = make_folders(output_file.parent)  # removed again if this run fails
     remove_stale_temp_files(output_file)

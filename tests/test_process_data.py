@@ -427,7 +427,56 @@ def test_blocks_are_the_documents_with_eos_separators(tmp_path, qwen_dir, isolat
     )
     assert "dropped 1 (empty_document)" in result.output
     assert f"last block: {rows[-1]['len']} tokens, kept at its true length" in result.output
-    assert tokenizer.decode(rows[0]["input_ids"]) in result.output
+    assert tokenizer.decode(rows[0]["input_ids"])[: process_data.EXAMPLE_CHARS] in result.output
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_the_example_states_its_targets_as_written(tmp_path, qwen_dir, isolate):
+    """Short documents: with --isolate-documents the first block has a target fewer per document start after its
+    first token, and the summary says so."""
+    docs = ["one short document", "and another", "and a third one"]
+    result, rows = run_documents(tmp_path, docs, qwen_dir, *(["--isolate-documents"] if isolate else []))
+    assert result.exit_code == 0, result.output
+    targets, length = rows[0]["num_loss_counted_tokens"], rows[0]["len"]
+    assert targets == length - (3 if isolate else 1)
+    assert (
+        f"example (block 1, tokenized as line 1 of {tmp_path / 'out.jsonl'}; {targets} of its {length} tokens are "
+        "targets), decoded:\n" in result.output
+    )
+
+
+def test_the_summary_shows_the_first_block_cut_short(tmp_path, qwen_dir):
+    """A whole block is thousands of characters: the summary shows its start and says what is left out; a short
+    one is shown whole."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    result, rows = run(
+        tmp_path, [{"document": d} for d in documents(20, seed=7)], qwen_dir, "--pretrain-block-size", 1024
+    )
+    assert result.exit_code == 0, result.output
+    text = tokenizer.decode(rows[0]["input_ids"])
+    shown, left = text[: process_data.EXAMPLE_CHARS], len(text) - process_data.EXAMPLE_CHARS
+    assert left > 3000
+    assert result.output.endswith(f"decoded:\n{shown}… [{left} more characters]\n"), result.output[-500:]
+
+    result, rows = run_documents(tmp_path, ["a short document"], qwen_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(f"decoded:\n{tokenizer.decode(rows[0]['input_ids'])}\n")
+
+
+def test_a_document_line_in_chat_mode_suggests_document_mode(tmp_path, qwen_dir):
+    """A documents file given without --pretrain-block-size: the error says how to read it (only where the line has
+    the document column), and --skip-invalid still counts it as missing_messages."""
+    document = b'{"document": "some text to pretrain on"}\n'
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[GOOD, document])
+    assert result.exit_code == 2 and out is None
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'in.jsonl'}:2: missing field 'messages' (this line has a 'document' field: for "
+        "documents, pass --pretrain-block-size N)"
+    )
+    result, out = run(tmp_path, None, qwen_dir, raw_lines=[GOOD, BAD_LINES["missing_messages"]])
+    assert result.stderr.strip() == f"error: {tmp_path / 'in.jsonl'}:2: missing field 'messages'"
+    result, out = run(tmp_path, None, qwen_dir, "--skip-invalid", raw_lines=[GOOD, document, GOOD])
+    assert result.exit_code == 0 and len(out) == 2 and "skipped 1 invalid (missing_messages)" in result.output
 
 
 def test_drop_last_block(tmp_path, qwen_dir):
