@@ -348,26 +348,35 @@ def test_padded_batch_puts_outputs_back_in_row_order():
     assert inputs["input_ids"][row_order].tolist() == row[0].tolist()
 
 
-@pytest.mark.parametrize("model_type, attention", [("falcon", "sdpa"), ("mamba", "eager")])
-def test_a_model_that_mixes_packed_sequences_trains_on_padded_batches(
-    model_type, attention, tmp_path, qwen_data, dist, capsys
-):
-    """Falcon (no attention functions, masks of its own) and Mamba (convolution and state along the row) leak across
-    the sequences of a packed row: the probe finds it, switches to padded batches, and the loss equals separate
-    per-sample forwards. A named packed-row attention stops with one line."""
-    model_dir = save_arch(tmp_path, model_type, **({"state_size": 4} if model_type == "mamba" else {}))
+def test_a_model_that_mixes_packed_sequences_trains_on_padded_batches(tmp_path, qwen_data, dist, capsys):
+    """A model built to leak across the sequences of a packed row (tests/leaky_model.py: a token shift over the
+    embeddings): the probe finds it, switches to padded batches, and the loss equals separate per-sample forwards,
+    where packed rows would not. Built on purpose, so no transformers release can change what it does."""
+    from leaky_model import save_leaky_model
+
+    model_dir = save_leaky_model(tmp_path)
     model, cfg = setup(model_dir, dist)
-    assert model.padded and cfg.attn_implementation == attention and cfg.loss == "chunked"
+    assert model.padded and cfg.attn_implementation == "sdpa" and cfg.loss == "chunked"
     assert f"packing: {type(model.lm).__name__} on a packed row mixes the two sequences" in capsys.readouterr().out
     padded, packed = padded_and_packed_losses(model, qwen_data)
     reference = per_sample_loss(model_dir, qwen_data)
     assert padded == pytest.approx(reference, rel=1e-5)
     assert packed != pytest.approx(reference, rel=1e-5)  # what training on packed rows would have computed
-    if model_type == "falcon":
-        with pytest.raises(
-            setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: falcon models"
-        ):
-            setup(model_dir, dist, attn_implementation="leantrain_per_sequence")
+
+
+def test_a_named_packed_row_attention_is_refused_for_a_model_without_attention_functions(tmp_path, dist, monkeypatch):
+    """A model that takes no attention functions (as Falcon, Bloom or MPT in the transformers releases measured)
+    cannot run leantrain's packed-row attention: a named one stops with one line, auto takes the model's own."""
+    from leaky_model import save_leaky_model
+
+    model_dir = save_leaky_model(tmp_path)
+    monkeypatch.setattr(setup_model, "takes_attention_functions", lambda config: False)
+    with pytest.raises(
+        setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: leaky_qwen2 models"
+    ):
+        setup(model_dir, dist, attn_implementation="leantrain_per_sequence")
+    _, cfg = setup(model_dir, dist)
+    assert cfg.attn_implementation == "sdpa"
 
 
 def test_a_model_that_refuses_packed_rows_trains_on_padded_batches(qwen_dir, qwen_data, dist, monkeypatch, capsys):

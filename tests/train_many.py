@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import leaky_model  # noqa: E402, F401  (registers the test-only leaky_qwen2 model type)
 import setup_model  # noqa: E402
 import train  # noqa: E402
 from utils import destroy_distributed, exit_on_user_error, init_distributed  # noqa: E402
