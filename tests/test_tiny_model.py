@@ -77,7 +77,69 @@ def test_cli_help_is_fast_and_complete():
             assert flag in result.stdout, (script, flag)
 
 
-def test_readme_documents_every_flag():
-    readme = (ROOT / "README.md").read_text()
-    for flag in PROCESS_DATA_FLAGS + train_flags():
-        assert f"`{flag}" in readme, flag
+def test_reference_documents_every_flag():
+    """docs/REFERENCE.md documents, in each script's own section, every flag its --help lists (and every command of
+    batch_metrics.py), written as code: `--flag` or the `--flag/--no-flag` pair."""
+    import re
+
+    reference = (ROOT / "docs" / "REFERENCE.md").read_text()
+    sections = {s.split("\n", 1)[0].strip(): s for s in reference.split("\n## ")[1:]}
+
+    def options(*args):
+        result = run_script(*args, "--help", env={"COLUMNS": "200"})
+        assert result.returncode == 0, (args, result.stderr)
+        lines = result.stdout.splitlines()
+        row = r"^\W?\s+(?:\*\s+)?(--[a-z][\w-]*)(?:\s+(--[a-z][\w-]*))?"  # an option row: `--x` or `--x  --no-x`
+        found = {flag for line in lines for pair in re.findall(row, line) for flag in pair}
+        return found - {"", "--help"}, lines
+
+    checked = 0
+    for script in ("process_data.py", "train.py", "batch_metrics.py", "tiny_model.py", "demo.py"):
+        section = sections[script]
+        flags, lines = options(ROOT / script)
+        if script == "batch_metrics.py":  # commands: the rows of the Commands panel
+            start = next(i for i, line in enumerate(lines) if "Commands" in line)
+            commands = [m.group(1) for line in lines[start + 1 :] if (m := re.match(r"^\W\s(\w[\w-]*)\s", line))]
+            assert commands, lines
+            for command in commands:
+                assert f"batch_metrics.py {command}" in section, command
+                flags |= options(ROOT / script, command)[0]
+        for flag in flags:
+            assert re.search(rf"[`/]{re.escape(flag)}(?![\w-])", section), (script, flag)
+        checked += len(flags)
+    assert checked >= len(PROCESS_DATA_FLAGS) + len(train_flags())  # the parsing found the flags at all
+
+
+def markdown_targets(text: str):
+    """(link target, heading anchors) of a markdown text, fenced code blocks left out; anchors as GitHub makes them
+    (lower case, punctuation dropped, spaces as dashes, -1, -2... for repeats)."""
+    import re
+
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    links = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", prose)
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", prose, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return links, anchors
+
+
+def test_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md points at a file that exists (and at a heading of it, for
+    links into a markdown file with #anchor)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 2
+    checked = 0
+    for page in pages:
+        links, _ = markdown_targets(page.read_text())
+        for link in links:
+            if ":" in link.split("/")[0]:  # https:, mailto:: not a file here
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            assert target.exists(), f"{page.relative_to(ROOT)}: {link} -> {target} does not exist"
+            if anchor and target.suffix == ".md":
+                assert anchor in markdown_targets(target.read_text())[1], f"{page.relative_to(ROOT)}: {link}"
+            checked += 1
+    assert checked > 10
