@@ -383,15 +383,15 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
     )
 
 
-def resume_state(cfg, output_dir: Path, dist, settings: dict, num_steps: int | None) -> tuple[Path, dict] | None:
-    """find_resume_state's checkpoint, once check_resumable has accepted it for this run."""
+def resume_state(cfg, output_dir: Path, dist, settings: dict) -> tuple[Path, dict] | None:
+    """find_resume_state's checkpoint, once check_resumable has accepted its settings for this run."""
     found = find_resume_state(cfg, output_dir, dist)
     if found:
-        check_resumable(*found, settings, num_steps)
+        check_resumable(*found, settings)
     return found
 
 
-def check_resumable(path: Path, meta: dict, settings: dict, num_steps: int | None):
+def check_resumable(path: Path, meta: dict, settings: dict):
     """The run must repeat the checkpoint's settings (one line lists every difference); its length may grow."""
     saved = meta["settings"]
     diffs = []
@@ -415,9 +415,6 @@ def check_resumable(path: Path, meta: dict, settings: dict, num_steps: int | Non
             + "; ".join(diffs)
             + "; repeat the checkpoint's settings or use another --output-dir"
         )
-    step = meta["state"]["step"]
-    if num_steps is not None and num_steps < step:
-        fail(f"cannot resume from {path}: the run length ({num_steps} steps) is below the checkpoint's step {step}")
 
 
 def load(path: Path, meta: dict, model, optimizer, sampler, dist) -> TrainState:

@@ -190,11 +190,15 @@ class TrainConfig:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
 
 
-def total_steps(cfg: TrainConfig, num_samples: int) -> int | None:
+def total_steps(cfg: TrainConfig, num_samples: int, step: int = 0, samples_seen: int = 0) -> int | None:
+    """The run's length in steps, counted from where it starts (`step` steps and `samples_seen` samples done, as in
+    the checkpoint it resumes): --max-steps, or the steps that draw the rest of --max-epochs' samples, as
+    batch_sizes() will (a grown run's earlier launch may have ended on a short step, which a count from 0 misses)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
     if cfg.max_epochs is not None:
-        return -(-cfg.max_epochs * num_samples // cfg.batch_size)  # integers: exact for any length
+        left = cfg.max_epochs * num_samples - samples_seen  # integers: exact for any length
+        return step + max(0, -(-left // cfg.batch_size))
     return None
 
 
@@ -229,13 +233,32 @@ def training_params(cfg: TrainConfig, dist) -> dict:
     }
 
 
-def resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps, given=None):
-    """With --resume/--resume-from: the checkpoint's state after checking the settings match; else step 0.
-    `given`: --resume-from's (path, trainer state), found and checked already."""
+def find_start(cfg, output_dir: Path, dist, settings: dict, num_samples: int):
+    """With --resume/--resume-from: the checkpoint to start from (its settings checked), else None; and the run's
+    length in steps from there, which must reach the checkpoint's step."""
+    import checkpoint
+
+    found = checkpoint.resume_state(cfg, output_dir, dist, settings)
+    state = found[1]["state"] if found else {"step": 0, "samples_seen": 0}
+    num_steps = total_steps(cfg, num_samples, state["step"], state["samples_seen"])
+    if found and cfg.max_epochs is not None and state["samples_seen"] > cfg.max_epochs * num_samples:
+        fail(
+            f"cannot resume from {found[0]}: --max-epochs {cfg.max_epochs} draws {cfg.max_epochs * num_samples} "
+            f"samples, and the checkpoint has drawn {state['samples_seen']}"
+        )
+    if found and num_steps is not None and num_steps < state["step"]:
+        fail(
+            f"cannot resume from {found[0]}: the run length ({num_steps} steps) is below the checkpoint's step "
+            f"{state['step']}"
+        )
+    return found, num_steps
+
+
+def resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps):
+    """The checkpoint's state, loaded (a fresh TrainState at step 0 when `found` is None)."""
     import checkpoint
     import setup_model
 
-    found = given or checkpoint.resume_state(cfg, saver.output_dir, dist, saver.settings, num_steps)
     if found is None:
         return checkpoint.TrainState()
     path, meta = found
@@ -417,24 +440,24 @@ def run_training(cfg: TrainConfig, dist, model_config):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
-    num_steps = total_steps(cfg, len(data))
-    scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
     sampler = GlobalSampler(len(data), cfg.seed)
     settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
     pad_id = model_config.pad_token_id or 0
-    validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.packing)
     log(
-        f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}; "
-        f"{'steps: ' + str(num_steps) if num_steps else 'no length set: running until stopped'}"
+        f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}"
         + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
     )
     # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
-    given = checkpoint.resume_state(cfg, Path(cfg.output_dir), dist, settings, num_steps) if cfg.resume_from else None
+    given = find_start(cfg, Path(cfg.output_dir), dist, settings, len(data)) if cfg.resume_from else None
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with checkpoint.claimed_output_dir(cfg, dist) as out:
+        found, num_steps = given or find_start(cfg, out.path, dist, settings, len(data))
+        log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
+        scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
+        validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.packing)
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
-        state = resume_if_asked(cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps, given)
+        state = resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
         params = training_params(cfg, dist)
         out.record_launch(params, state.step)
         with (

@@ -183,3 +183,32 @@ def test_pruning_keeps_the_newest(qwen_dir, data_path, tmp_path):
     assert r.returncode == 0, r.stderr
     assert names(out, "hf_format") == ["samples_32", "samples_40"]
     assert names(out, "full_state") == ["samples_32", "samples_40"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_run_grown_by_max_epochs_announces_and_schedules_the_steps_it_runs(qwen_dir, data_path, tmp_path, nproc):
+    """10 samples, batch 8: one epoch is a step of 8 and one of 2. Grown to 2 epochs on resume it runs 2 more steps
+    (4 in all, where a count from 0 says 3): the announced steps, the progress line, the linear schedule's end and
+    the epoch field agree with the steps that run."""
+    small = tmp_path / "ten.jsonl"
+    small.write_text("".join(open(data_path).readlines()[:10]))
+    out = tmp_path / "run"
+
+    def launch(epochs, *extra):
+        flags = [*args(qwen_dir, small, out, 1)[1:], "--lr-scheduler", "linear"]
+        flags[flags.index("--max-steps") : flags.index("--max-steps") + 2] = ["--max-epochs", epochs]
+        return torchrun(ROOT / "train.py", *flags, *extra, nproc=nproc)
+
+    r = launch(1)
+    assert r.returncode == 0, r.stderr
+    assert [m["samples_seen"] for m in metrics(out)] == [8, 10]
+    r = launch(2, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "steps: 4" in r.stdout and "step 4/4" in r.stdout and "4/3" not in r.stdout
+    rows = metrics(out)
+    assert [(m["step"], m["samples_seen"], m["epoch"]) for m in rows] == [(1, 8, 0), (2, 10, 0), (3, 18, 1), (4, 20, 1)]
+    assert [m["lr"] for m in rows[2:]] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])  # linear: 0 after step 4
+    r = launch(2, "--resume")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    r = launch(1, "--resume")
+    assert r.returncode != 0 and "--max-epochs 1 draws 10 samples, and the checkpoint has drawn 20" in r.stderr

@@ -341,3 +341,27 @@ def test_clear_one_line_errors(qwen_dir, data_path, tmp_path, case, expected, mo
     assert open(args["data"], "rb").read() == data_before
     if case != "output_dir_is_a_file":
         assert not (tmp_path / "o").exists(), "a failed run leaves no output folder"
+
+
+@pytest.mark.parametrize("num_samples, batch", [(10, 8), (10, 3), (7, 7), (100, 16), (5, 12)])
+def test_run_length_counts_the_steps_that_run_when_a_run_grows(num_samples, batch):
+    """A launch's length in steps, from the position it resumes at, is what batch_sizes() then yields: a finished
+    run grown by --max-epochs may have ended on a short step (10 samples, batch 8: 8 + 2), which a count from 0
+    misses (2 epochs: 3 steps fresh, 4 after a resume); unchanged, there is nothing left."""
+    from dataclasses import replace
+
+    from train import TrainConfig, batch_sizes, total_steps
+
+    base = TrainConfig(model_name_or_path="m", data_path="d", output_dir="o", batch_size=batch, max_tokens_per_gpu=8)
+    for flag, first, then in [("max_epochs", 1, 2), ("max_epochs", 2, 5), ("max_epochs", 3, 3), ("max_steps", 3, 3)]:
+        cfg = replace(base, **{flag: first})
+        sizes = list(batch_sizes(cfg, num_samples, 0, 0))
+        assert total_steps(cfg, num_samples) == len(sizes)
+        step, seen = len(sizes), sum(sizes)
+        for more in (then, then + 4):  # unchanged (or grown), then grown further
+            grown = replace(cfg, **{flag: more})
+            rest = list(batch_sizes(grown, num_samples, step, seen))
+            assert total_steps(grown, num_samples, step, seen) == step + len(rest), (flag, first, more)
+            if flag == "max_epochs":
+                assert seen + sum(rest) == more * num_samples
+            assert (len(rest) == 0) == (more == first)
