@@ -352,7 +352,7 @@ if __name__ == "__main__":
 
     from utils import exit_on_user_error
 
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
     @app.callback()
     def cli():

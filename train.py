@@ -575,7 +575,7 @@ def _cli_from_config(run):
 
 
 def main(argv=None):
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command()(_cli_from_config(exit_on_user_error(train)))
     app(argv if argv is not None else sys.argv[1:])
 
