@@ -535,11 +535,12 @@ def train_steps(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, s
     log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
 
 
-def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ("--standalone",)):
+def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ("--standalone",), on_output=None):
     """Run `cfg` under torchrun with several processes on this machine (from a notebook or a sweep script): the
     same config, as the CLI's flags; torchrun's own flags go before train.py (--standalone: a free port, so that
-    launches can run side by side). Returns the finished process, its output captured; raises UserError with the
-    run's error line if it fails."""
+    launches can run side by side). The run's output (stdout and stderr, merged) streams line by line to
+    `on_output` (default: this process's stdout, so that a notebook sees progress). Returns the finished process,
+    its whole output in `.stdout`; raises UserError with the run's error line if it fails."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node), *torchrun_args]
     argv.append(str(Path(__file__).resolve()))
     for f in fields(TrainConfig):
@@ -549,11 +550,22 @@ def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...]
             argv += [on] if value else [off] if off else []
         elif value is not None:
             argv += [flag, str(value)]
-    r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode != 0:
-        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-        fail(errors[0].removeprefix("error: ") if errors else f"torchrun exited {r.returncode}: {r.stderr[-2000:]}")
-    return r
+    on_output = on_output or (lambda line: print(line, end="", flush=True))
+    lines = []
+    # torchrun starts its workers unbuffered (python -u): their lines come as they are printed.
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            on_output(line)
+    output = "".join(lines)
+    if proc.returncode != 0:
+        errors = [line for line in lines if line.startswith("error: ")]
+        fail(
+            errors[0].removeprefix("error: ").rstrip()
+            if errors
+            else f"torchrun exited {proc.returncode}: {output[-2000:]}"
+        )
+    return subprocess.CompletedProcess(argv, proc.returncode, output, None)
 
 
 def _cli_from_config(run):

@@ -90,7 +90,15 @@ def test_val_loss_is_the_exact_mean_on_one_rank_from_a_thread(qwen_dir, data_pat
 def test_val_loss_on_two_ranks_through_launch(qwen_dir, data_paths, tmp_path):
     out = tmp_path / "run"
     cfg = config(qwen_dir, data_paths[0], out, validation_data_path=str(data_paths[1]), keep_best_checkpoint=True)
-    train.launch(cfg, nproc_per_node=2)
+    seen = []  # each line, and whether the run had saved its final checkpoint when the line arrived
+
+    def on_output(line):
+        seen.append((line, (out / "hf_format" / f"samples_{5 * cfg.batch_size}").exists()))
+
+    done = train.launch(cfg, nproc_per_node=2, on_output=on_output)
+    assert done.stdout == "".join(line for line, _ in seen)
+    first_step = next(i for i, (line, _) in enumerate(seen) if "step 1/5" in line)
+    assert not seen[first_step][1], "launch streams: step 1's line arrives while the run goes on"
     check_val_rows(out, data_paths, [1, 2, 3, 4, 5])  # the default: every 10% of 5 steps
     params = json.loads((out / "training_params.json").read_text())
     assert params["world_size"] == 2 and params["keep_best_checkpoint"] is True
