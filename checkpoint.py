@@ -35,7 +35,7 @@ import shutil
 import signal
 import socket
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from batch_metrics import METRICS_FILE
@@ -56,9 +56,10 @@ from utils import (
 
 STATE_DIR, HF_DIR = "full_state", "hf_format"
 NAME = re.compile(r"^samples_(\d+)$")
-MANIFEST, TRAINER_STATE, PARAMS_FILE, LOCK_FILE = (
+MANIFEST, TRAINER_STATE, OPTIMIZER_NUMBERS, PARAMS_FILE, LOCK_FILE = (
     "manifest.json",
     "trainer_state.json",
+    "optimizer_numbers.json",
     "training_params.json",
     "leantrain.lock",
 )
@@ -66,29 +67,14 @@ FORMAT = 2  # trainer_state.json's format: checkpoints of another format are not
 # A folder holding any of these holds a run. --overwrite deletes exactly these (trackers' folders included).
 RUN_OUTPUTS = (PARAMS_FILE, METRICS_FILE, STATE_DIR, HF_DIR)
 TRACKER_DIRS = ("wandb", "tensorboard")
-# Flags a resumed run must repeat exactly (the model and the data are compared by fingerprint as well). Everything
-# else (tokens per GPU, world size, compute dtype, attention, compile, checkpoint cadence) may change on resume.
-MUST_MATCH = (
-    "batch_size",
-    "seed",
-    "learning_rate",
-    "lr_scheduler",
-    "num_warmup_steps",
-    "beta1",
-    "beta2",
-    "eps",
-    "weight_decay",
-    "max_grad_norm",
-    "train_dtype",
-    "osft",
-    "osft_unfreeze_rank_ratio",
-    "osft_target_patterns",
-    "validation_split",
-)
 
 
 class Damaged(Exception):
     """A checkpoint file is missing, truncated, altered or not what leantrain writes."""
+
+
+class Unsupported(Exception):
+    """A checkpoint intact by its manifest that holds a DCP storage kind leantrain does not read."""
 
 
 @dataclass
@@ -99,6 +85,21 @@ class TrainState:
     samples_seen: int = 0
     tokens_seen: int = 0
     sampler: dict = field(default_factory=dict)
+
+    @classmethod
+    def checked(cls, state: dict, check_sampler) -> "TrainState":
+        """The state as saved, its meaning checked (ValueError says what is wrong): these counters here, the
+        sampler's position by the sampler (`check_sampler`), which alone knows its fields."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(state, dict) or sorted(state) != sorted(names):
+            raise ValueError(f"state fields {sorted(state) if isinstance(state, dict) else state!r}, expected {names}")
+        for name in ("step", "samples_seen", "tokens_seen"):
+            if not _is_count(state[name]):
+                raise ValueError(f"{name} {state[name]!r} is not a count")
+        if not isinstance(state["sampler"], dict):
+            raise ValueError("the sampler's state is not a JSON object")
+        check_sampler(state["sampler"])
+        return cls(**state)
 
     def advance(self, batch):
         self.step += 1
@@ -123,10 +124,6 @@ def run_identity(model_config, data) -> dict:
     }
     model_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": model_hash, "data": data.fingerprint(), "num_samples": len(data)}
-
-
-def resume_settings(cfg, identity: dict) -> dict:
-    return {"model": identity["model"], "data": identity["data"]} | {name: getattr(cfg, name) for name in MUST_MATCH}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,6 +224,8 @@ class _IndexUnpickler(pickle.Unpickler):
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         ):
             return super().find_class(module, name)
+        if module == _DCP_META and name.endswith("StorageMetadata"):  # another kind of entry, not a callable
+            raise Unsupported(name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 
@@ -239,6 +238,11 @@ def read_dcp_index(folder: Path, files: dict):
     try:
         with open(path, "rb") as f:
             index = _IndexUnpickler(f).load()
+    except Unsupported as e:
+        fail(
+            f"{path}: holds entries of DCP storage kind {e}, which leantrain does not read (it saves tensors, and an "
+            "optimizer's plain numbers as JSON): unsupported, not resumed"
+        )
     except Exception as e:  # any failure to unpickle means damaged or forged, whatever exception it raises
         raise Damaged(f"{path}: not a checkpoint index ({first_line(e)})") from None
     if not isinstance(index, Metadata) or not isinstance(index.storage_data, dict):
@@ -281,21 +285,16 @@ def _is_count(x) -> bool:
     return type(x) is int and x >= 0
 
 
-def read_trainer_state(folder: Path) -> dict:
+def read_trainer_state(folder: Path, check_sampler) -> dict:
+    """trainer_state.json, checked: its format and the checkpoint's own fields here, the loop's state by TrainState
+    and the sampler's by the sampler (`check_sampler`). Anything wrong is Damaged."""
     path = folder / TRAINER_STATE
     try:
         meta = json.loads(path.read_bytes())
         if meta["format"] != FORMAT:
             raise Damaged(f"{path}: format {meta['format']!r}, expected {FORMAT} (saved by another leantrain version)")
-        state, sampler = meta["state"], meta["state"]["sampler"]
-        counters = ("step", "samples_seen", "tokens_seen")
         valid = (
-            set(state) == {*counters, "sampler"}
-            and set(sampler) == {"epoch", "offset", "seed", "num_samples"}
-            and all(_is_count(state[k]) for k in counters)
-            and all(_is_count(v) for v in sampler.values())
-            and sampler["offset"] < max(sampler["num_samples"], 1)
-            and (
+            (
                 meta.get("best") is None
                 or (type(meta["best"]["val_loss"]) is float and _is_count(meta["best"]["samples"]))
             )
@@ -309,11 +308,16 @@ def read_trainer_state(folder: Path) -> dict:
         raise Damaged(f"{path}: missing or malformed field ({first_line(e)})") from None
     if not valid:
         raise Damaged(f"{path}: a counter or setting is missing, unknown or out of range")
+    try:
+        TrainState.checked(meta["state"], check_sampler)
+    except (KeyError, TypeError, ValueError) as e:
+        raise Damaged(f"{path}: {first_line(e)}") from None
     return meta
 
 
-def verify(folder: Path, kind: str, dist) -> dict | None:
-    """Check a checkpoint folder before use; returns its trainer state (STATE_DIR) or raises Damaged."""
+def verify(folder: Path, kind: str, dist, check_sampler=None) -> dict | None:
+    """Check a checkpoint folder before use; returns its trainer state (STATE_DIR, whose sampler state
+    `check_sampler` checks) or raises Damaged."""
     if not folder.is_dir():
         raise Damaged(f"{folder}: missing")
     files = read_manifest(folder)
@@ -324,9 +328,9 @@ def verify(folder: Path, kind: str, dist) -> dict | None:
     check_files(folder, files, dist)
     if kind == HF_DIR:
         return None
-    meta = read_trainer_state(folder)
+    meta = read_trainer_state(folder, check_sampler)
     read_dcp_index(folder, files)
-    meta["files"] = files
+    meta["files"], meta["optimizer_numbers"] = files, read_optimizer_numbers(folder, files)
     return meta
 
 
@@ -355,7 +359,7 @@ def remove_partial_saves(output_dir: Path):
             shutil.rmtree(tmp)
 
 
-def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
+def find_resume_state(cfg, output_dir: Path, dist, check_sampler) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its trainer state: --resume-from as given (refused if damaged), or with
     --resume the newest intact one in output_dir (damaged ones are reported and skipped, never all of them)."""
     if cfg.resume_from:
@@ -363,7 +367,7 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
         if path.is_file():
             fail(f"--resume-from {path}: a file; give a checkpoint folder ({STATE_DIR}/samples_N)")
         try:
-            return path, verify(path, STATE_DIR, dist)
+            return path, verify(path, STATE_DIR, dist, check_sampler)
         except Damaged as e:
             fail(f"--resume-from {path}: damaged or not a complete training state: {e}")
     if not cfg.resume:
@@ -374,7 +378,7 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
         return None
     for _, path in reversed(found):
         try:
-            return path, verify(path, STATE_DIR, dist)
+            return path, verify(path, STATE_DIR, dist, check_sampler)
         except Damaged as e:
             log(f"warning: skipping damaged checkpoint {path}: {e}")
     fail(
@@ -383,20 +387,21 @@ def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
     )
 
 
-def resume_state(cfg, output_dir: Path, dist, settings: dict) -> tuple[Path, dict] | None:
+def resume_state(cfg, output_dir: Path, dist, check_sampler, settings: dict, before: dict) -> tuple[Path, dict] | None:
     """find_resume_state's checkpoint, once check_resumable has accepted its settings for this run."""
-    found = find_resume_state(cfg, output_dir, dist)
+    found = find_resume_state(cfg, output_dir, dist, check_sampler)
     if found:
-        check_resumable(*found, settings)
+        check_resumable(*found, settings, before)
     return found
 
 
-def check_resumable(path: Path, meta: dict, settings: dict):
-    """The run must repeat the checkpoint's settings (one line lists every difference); its length may grow."""
+def check_resumable(path: Path, meta: dict, settings: dict, before: dict):
+    """The run must repeat the checkpoint's settings (one line lists every difference); its length may grow. A
+    setting the checkpoint lacks (saved before the setting existed) is compared with `before`, its value then."""
     saved = meta["settings"]
     diffs = []
     for name, now in settings.items():
-        if saved.get(name) == now:
+        if (then := saved.get(name, before.get(name))) == now:
             continue
         if name == "model":
             diffs.append(
@@ -408,13 +413,60 @@ def check_resumable(path: Path, meta: dict, settings: dict):
                 "count too: a lower --max-tokens-per-gpu or --drop-overlong-samples drops some the run trained on)"
             )
         else:
-            diffs.append(f"--{name.replace('_', '-')} {now} (checkpoint: {saved.get(name)})")
+            diffs.append(f"--{name.replace('_', '-')} {now} (checkpoint: {then})")
     if diffs:
         fail(
             f"cannot resume from {path}: "
             + "; ".join(diffs)
             + "; repeat the checkpoint's settings or use another --output-dir"
         )
+
+
+PLAIN_NUMBERS = (int, float, bool)
+
+
+def split_optimizer_state(state: dict) -> tuple[dict, dict]:
+    """An optimizer's per-parameter state as (tensors, for DCP; plain numbers, for JSON). DCP would pickle a plain
+    number, which no checkpoint reader should unpickle; anything neither is refused in one line."""
+    import torch
+
+    tensors, numbers = {}, {}
+    for name, entries in state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(name, {})[key] = value
+            elif type(value) in PLAIN_NUMBERS:
+                numbers.setdefault(name, {})[key] = value
+            else:
+                fail(
+                    f"the optimizer's state {name}.{key} is a {type(value).__name__}: leantrain checkpoints tensors "
+                    "and plain numbers (int, float, bool)"
+                )
+    return tensors, numbers
+
+
+def shape_of(numbers: dict) -> dict:
+    """Which parameter holds which plain numbers, of which types."""
+    return {name: {key: type(v).__name__ for key, v in entries.items()} for name, entries in numbers.items()}
+
+
+def read_optimizer_numbers(folder: Path, files: dict) -> dict:
+    """optimizer_numbers.json, checked ({} where the checkpoint has none: an optimizer whose state is all
+    tensors), or Damaged."""
+    path = folder / OPTIMIZER_NUMBERS
+    if OPTIMIZER_NUMBERS not in files:
+        return {}
+    try:
+        numbers = parse_json(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise Damaged(f"{path}: unreadable ({first_line(e)})") from None
+    if not (
+        isinstance(numbers, dict)
+        and all(isinstance(entries, dict) for entries in numbers.values())
+        and all(type(v) in PLAIN_NUMBERS for entries in numbers.values() for v in entries.values())
+    ):
+        raise Damaged(f"{path}: not an object of plain numbers per parameter")
+    return numbers
 
 
 def load(path: Path, meta: dict, model, optimizer, sampler, dist) -> TrainState:
@@ -427,18 +479,23 @@ def load(path: Path, meta: dict, model, optimizer, sampler, dist) -> TrainState:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd["state"]}
+    tensors, numbers = split_optimizer_state(optim_sd["state"])
+    state = {"model": model_sd, "optim": tensors}
     try:
         dcp.load(state, storage_reader=_safe_reader_class()(path / "dcp", meta["files"]))
     except CheckpointException as e:
         fail(f"cannot load {path / 'dcp'}: {describe_error(e)}")
+    saved = meta["optimizer_numbers"]
+    if shape_of(saved) != shape_of(numbers):
+        fail(f"cannot resume from {path}: the optimizer's plain-number state differs from this run's optimizer's")
+    optim = {name: tensors.get(name, {}) | saved.get(name, {}) for name in tensors.keys() | saved.keys()}
     set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
-        optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]},
+        optim_state_dict={"state": optim, "param_groups": optim_sd["param_groups"]},
     )
-    train_state = TrainState(**meta["state"])
+    train_state = TrainState(**meta["state"])  # checked by verify()
     try:
         sampler.load_state_dict(train_state.sampler)
     except ValueError as e:
@@ -663,12 +720,16 @@ class Saver:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        # Tensors only: the optimizer's param_groups (plain numbers) come from the flags on resume.
-        dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp / "dcp"))
+        # Tensors only: the optimizer's param_groups come from the flags on resume, its plain numbers go to JSON.
+        tensors, numbers = split_optimizer_state(optim_sd["state"])
+        dcp.save({"model": model_sd, "optim": tensors}, checkpoint_id=str(tmp / "dcp"))
         rank = self.dist.rank
         save_file({"torch": torch.get_rng_state()}, tmp / f"rng_{rank}.safetensors")
         mine = [f"dcp/{p.name}" for p in (tmp / "dcp").glob(f"__{rank}_*.distcp")] + [f"rng_{rank}.safetensors"]
         if self.dist.is_main:
+            if numbers:
+                (tmp / OPTIMIZER_NUMBERS).write_text(json.dumps(numbers) + "\n")
+                mine.append(OPTIMIZER_NUMBERS)
             meta = {
                 "format": FORMAT,
                 "state": asdict(state),

@@ -276,14 +276,26 @@ class GlobalSampler:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "num_samples": self.num_samples}
 
+    @staticmethod
+    def check_state(state: dict):
+        """A saved state's meaning (ValueError says what is wrong): its fields, counts, an offset inside its
+        samples. Checked before a checkpoint is used: a state that fails is damaged."""
+        fields = ("epoch", "offset", "seed", "num_samples")
+        if sorted(state) != sorted(fields):
+            raise ValueError(f"sampler state fields {sorted(state)}, expected {list(fields)}")
+        for name in fields:
+            if type(state[name]) is not int or state[name] < 0:
+                raise ValueError(f"sampler {name} {state[name]!r} is not a count")
+        if not state["offset"] < max(state["num_samples"], 1):
+            raise ValueError(f"sampler offset {state['offset']} is outside its {state['num_samples']} samples")
+
     def load_state_dict(self, state: dict):
+        self.check_state(state)
         if (state["seed"], state["num_samples"]) != (self.seed, self.num_samples):
             raise ValueError(
                 f"sampler state is for seed {state['seed']} over {state['num_samples']} samples, "
                 f"not seed {self.seed} over {self.num_samples}"
             )
-        if not 0 <= state["offset"] < self.num_samples:
-            raise ValueError(f"sampler offset {state['offset']} is outside its {self.num_samples} samples")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 

@@ -25,56 +25,76 @@ LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (i
 MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
 
 
-def option(default=MISSING, help: str = "", flags: tuple = ()):
-    return field(default=default, metadata={"help": help, "flags": flags})
+# Each flag's resume rule, stated where the flag is declared (nothing else lists flags):
+MATCH = "must match"  # a resume under another value would silently change the run: refused, every difference named
+FREE = "may change"  # speed, memory, length, logging, where outputs go (model and data are checked by fingerprint)
+
+
+def option(default=MISSING, help: str = "", flags: tuple = (), *, resume: str, before=MISSING):
+    """A flag: its default, help, typer's switch names, and its resume rule. `before`: for a MATCH flag added after
+    checkpoints exist, the value that reproduces the behaviour from before it existed (default: its default), which
+    an older checkpoint that lacks the setting is compared with."""
+    assert resume in (MATCH, FREE), resume
+    before = default if before is MISSING else before
+    return field(default=default, metadata={"help": help, "flags": flags, "resume": resume, "before": before})
 
 
 @dataclass
 class TrainConfig:
     # data and model
-    model_name_or_path: str = option(help="Hugging Face model folder or hub id (a causal LM).")
-    data_path: str = option(help="Tokenized JSONL written by process_data.py.")
-    output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.")
-    batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).")
-    max_tokens_per_gpu: int = option(help="Token capacity of one minibatch on one rank; longer samples are dropped.")
+    model_name_or_path: str = option(help="Hugging Face model folder or hub id (a causal LM).", resume=FREE)
+    data_path: str = option(help="Tokenized JSONL written by process_data.py.", resume=FREE)
+    output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.", resume=FREE)
+    batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).", resume=MATCH)
+    max_tokens_per_gpu: int = option(
+        help="Token capacity of one minibatch on one rank; longer samples are dropped.", resume=FREE
+    )
     drop_overlong_samples: bool = option(
         False,
         "Drop (and count) samples with a sequence longer than the model's positions instead of stopping.",
         ("--drop-overlong-samples",),
+        resume=FREE,
     )
     # optimisation
-    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
-    num_warmup_steps: int = option(0, "Linear warmup steps.")
-    lr_scheduler: str = option("constant_with_warmup", "Any transformers.get_scheduler name (cosine, linear, ...).")
-    seed: int = option(42, "Seed of the data order and of torch.")
-    beta1: float = option(0.9, "AdamW beta1.")
-    beta2: float = option(0.95, "AdamW beta2.")
-    eps: float = option(1e-8, "AdamW epsilon.")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (applied to every parameter).")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).", resume=MATCH)
+    num_warmup_steps: int = option(0, "Linear warmup steps.", resume=MATCH)
+    lr_scheduler: str = option(
+        "constant_with_warmup", "Any transformers.get_scheduler name (cosine, linear, ...).", resume=MATCH
+    )
+    seed: int = option(42, "Seed of the data order and of torch.", resume=MATCH)
+    beta1: float = option(0.9, "AdamW beta1.", resume=MATCH)
+    beta2: float = option(0.95, "AdamW beta2.", resume=MATCH)
+    eps: float = option(1e-8, "AdamW epsilon.", resume=MATCH)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (applied to every parameter).", resume=MATCH)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).", resume=MATCH)
     # length: neither flag means run until stopped
-    max_steps: int | None = option(None, "Stop after this many optimizer steps.")
-    max_epochs: int | None = option(None, "Stop after exactly this many passes over the data.")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.", resume=FREE)
+    max_epochs: int | None = option(None, "Stop after exactly this many passes over the data.", resume=FREE)
     # precision
-    train_dtype: str = option("float32", "Dtype of master weights and optimizer state.")
-    compute_dtype: str | None = option(None, "Forward/backward dtype. Default: bfloat16 on CUDA, float32 on CPU.")
+    train_dtype: str = option("float32", "Dtype of master weights and optimizer state.", resume=MATCH)
+    compute_dtype: str | None = option(
+        None, "Forward/backward dtype. Default: bfloat16 on CUDA, float32 on CPU.", resume=FREE
+    )
     # model
-    use_liger_kernels: bool = option(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only).")
+    use_liger_kernels: bool = option(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only).", resume=FREE)
     loss: str = option(
         "auto",
         "Cross-entropy: chunked (LM head + loss a chunk of targets at a time, bounded memory), model (the model's own "
         "forward, logits at target positions only) or liger (Liger's fused linear cross-entropy, CUDA). "
         "auto: chunked, or model where chunked would not reproduce the model's own logits.",
+        resume=FREE,
     )
     compile: bool | None = option(
         None,
         "torch.compile each decoder layer (regional, dynamic shapes). Default: on with CUDA, off on CPU.",
         ("--compile/--no-compile",),
+        resume=FREE,
     )
     activation_checkpointing: bool = option(
         False,
         "Recompute each decoder layer in backward to save memory.",
         ("--activation-checkpointing/--no-activation-checkpointing",),
+        resume=FREE,
     )
     attn_implementation: str = option(
         "auto",
@@ -83,58 +103,81 @@ class TrainConfig:
         "any device); the model's own sdpa/eager for models that take no attention functions or attend in chunks, "
         "and padded batches for models that mix the sequences of a packed row (README). Or any transformers name: "
         "sdpa, eager, ...",
+        resume=FREE,
     )
     # validation
-    validation_data_path: str | None = option(None, "Tokenized JSONL to measure val_loss on (no gradient).")
+    validation_data_path: str | None = option(
+        None, "Tokenized JSONL to measure val_loss on (no gradient).", resume=FREE
+    )
     validation_split: float | None = option(
-        None, "Hold out this fraction of --data-path's samples (chosen by --seed) to measure val_loss on."
+        None,
+        "Hold out this fraction of --data-path's samples (chosen by --seed) to measure val_loss on.",
+        resume=MATCH,
     )
     validation_frequency: int | None = option(
-        None, "Measure val_loss every this many steps, and at the end. Default: every 10% of a known run length."
+        None,
+        "Measure val_loss every this many steps, and at the end. Default: every 10% of a known run length.",
+        resume=FREE,
     )
     keep_best_checkpoint: bool = option(
         False,
         "Save a checkpoint whenever val_loss improves; pruning never deletes the best one.",
         ("--keep-best-checkpoint",),
+        resume=FREE,
     )
     # experiment trackers (optional packages: pip install -e ".[trackers]")
     wandb_project: str | None = option(
-        None, "Log every metric to this Weights & Biases project (offline, in output_dir/wandb, without an API key)."
+        None,
+        "Log every metric to this Weights & Biases project (offline, in output_dir/wandb, without an API key).",
+        resume=FREE,
     )
-    tensorboard_dir: str | None = option(None, "Write every metric as TensorBoard scalars to this folder.")
+    tensorboard_dir: str | None = option(None, "Write every metric as TensorBoard scalars to this folder.", resume=FREE)
     # OSFT (osft.py)
     osft: bool = option(
         False,
         "Orthogonal Subspace Fine-Tuning: freeze each target's top singular subspace, train the rest orthogonally.",
         ("--osft/--no-osft",),
+        resume=MATCH,
     )
     osft_unfreeze_rank_ratio: float | None = option(
-        None, "OSFT: fraction r of each target's singular directions that train (0 freezes, 1 = plain fine-tuning)."
+        None,
+        "OSFT: fraction r of each target's singular directions that train (0 freezes, 1 = plain fine-tuning).",
+        resume=MATCH,
     )
     osft_target_patterns: str | None = option(
         None,
         "OSFT: comma-separated fnmatch patterns of Linear module names (e.g. '*.q_proj,*.mlp.*'). Default: the "
         "attention q/k/v/o and MLP gate/up/down projections.",
+        resume=MATCH,
     )
     # checkpoints
     save_dtype: str | None = option(
-        None, "Dtype of saved HF weights: float32, bfloat16 or float16. Default: the dtype the model was loaded with."
+        None,
+        "Dtype of saved HF weights: float32, bfloat16 or float16. Default: the dtype the model was loaded with.",
+        resume=FREE,
     )
-    min_samples_per_checkpoint: int | None = option(None, "Save a checkpoint every this many samples.")
+    min_samples_per_checkpoint: int | None = option(None, "Save a checkpoint every this many samples.", resume=FREE)
     save_final_checkpoint: bool = option(
-        True, "Save a checkpoint when the run ends.", ("--save-final-checkpoint/--no-save-final-checkpoint",)
+        True,
+        "Save a checkpoint when the run ends.",
+        ("--save-final-checkpoint/--no-save-final-checkpoint",),
+        resume=FREE,
     )
-    keep_last_checkpoints: int | None = option(None, "Keep only the newest K checkpoints.")
+    keep_last_checkpoints: int | None = option(None, "Keep only the newest K checkpoints.", resume=FREE)
     resume: bool = option(
         False,
         "Resume from the newest intact checkpoint in --output-dir (damaged ones are skipped with a notice; start "
         "fresh, with a notice, if there is none). The settings must equal the checkpoint's; the length may grow.",
+        resume=FREE,
     )
-    resume_from: str | None = option(None, "Resume from this checkpoint folder (output_dir/full_state/samples_N).")
+    resume_from: str | None = option(
+        None, "Resume from this checkpoint folder (output_dir/full_state/samples_N).", resume=FREE
+    )
     overwrite: bool = option(
         False,
         "Start over in an --output-dir that holds a run: delete its training_params.json, metrics, checkpoints and "
         "tracker folders (nothing else) first.",
+        resume=FREE,
     )
 
     def validate(self):
@@ -233,12 +276,22 @@ def training_params(cfg: TrainConfig, dist) -> dict:
     }
 
 
-def find_start(cfg, output_dir: Path, dist, settings: dict, num_samples: int):
+def resume_settings(cfg: TrainConfig, identity: dict) -> dict:
+    """What a resume must repeat: the model's and the data's fingerprints, and every MATCH flag."""
+    matched = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.metadata["resume"] == MATCH}
+    return {"model": identity["model"], "data": identity["data"]} | matched
+
+
+# What each MATCH flag was before it existed: an older checkpoint that lacks the setting is compared with it.
+SETTINGS_BEFORE = {f.name: f.metadata["before"] for f in fields(TrainConfig) if f.metadata["resume"] == MATCH}
+
+
+def find_start(cfg, output_dir: Path, dist, sampler, settings: dict, num_samples: int):
     """With --resume/--resume-from: the checkpoint to start from (its settings checked), else None; and the run's
     length in steps from there, which must reach the checkpoint's step."""
     import checkpoint
 
-    found = checkpoint.resume_state(cfg, output_dir, dist, settings)
+    found = checkpoint.resume_state(cfg, output_dir, dist, sampler.check_state, settings, SETTINGS_BEFORE)
     state = found[1]["state"] if found else {"step": 0, "samples_seen": 0}
     num_steps = total_steps(cfg, num_samples, state["step"], state["samples_seen"])
     if found and cfg.max_epochs is not None and state["samples_seen"] > cfg.max_epochs * num_samples:
@@ -441,18 +494,18 @@ def run_training(cfg: TrainConfig, dist, model_config):
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
     sampler = GlobalSampler(len(data), cfg.seed)
-    settings = checkpoint.resume_settings(cfg, checkpoint.run_identity(model_config, data))
+    settings = resume_settings(cfg, checkpoint.run_identity(model_config, data))
     pad_id = model_config.pad_token_id or 0
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}"
         + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
     )
     # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
-    given = find_start(cfg, Path(cfg.output_dir), dist, settings, len(data)) if cfg.resume_from else None
+    given = find_start(cfg, Path(cfg.output_dir), dist, sampler, settings, len(data)) if cfg.resume_from else None
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with checkpoint.claimed_output_dir(cfg, dist) as out:
-        found, num_steps = given or find_start(cfg, out.path, dist, settings, len(data))
+        found, num_steps = given or find_start(cfg, out.path, dist, sampler, settings, len(data))
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
         validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.packing)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 import checkpoint
 import tiny_model
 from conftest import ROOT, cpu_env, tokenized_conversations
+from sampler import GlobalSampler
 from test_train import CAP_SMALL
 from utils import Dist, UserError
 
@@ -201,7 +202,7 @@ def test_a_forged_trainer_state_is_damaged_not_obeyed(trained, tmp_path, forge):
     forge(meta)
     (folder / "trainer_state.json").write_text(json.dumps(meta))
     with pytest.raises(checkpoint.Damaged, match=r"trainer_state.json: "):
-        checkpoint.read_trainer_state(folder)
+        checkpoint.read_trainer_state(folder, GlobalSampler.check_state)
 
 
 def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):
