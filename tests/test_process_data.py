@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import process_data
 import tiny_model
 from conftest import ROOT, run_script, tokenize
+from documents import EXAMPLE_CHARS
 from sampler import load_tokenized
 
 SYS = {"role": "system", "content": "You are terse."}
@@ -427,7 +428,7 @@ def test_blocks_are_the_documents_with_eos_separators(tmp_path, qwen_dir, isolat
     )
     assert "dropped 1 (empty_document)" in result.output
     assert f"last block: {rows[-1]['len']} tokens, kept at its true length" in result.output
-    assert tokenizer.decode(rows[0]["input_ids"])[: process_data.EXAMPLE_CHARS] in result.output
+    assert tokenizer.decode(rows[0]["input_ids"])[:EXAMPLE_CHARS] in result.output
 
 
 @pytest.mark.parametrize("isolate", [False, True])
@@ -454,7 +455,7 @@ def test_the_summary_shows_the_first_block_cut_short(tmp_path, qwen_dir):
     )
     assert result.exit_code == 0, result.output
     text = tokenizer.decode(rows[0]["input_ids"])
-    shown, left = text[: process_data.EXAMPLE_CHARS], len(text) - process_data.EXAMPLE_CHARS
+    shown, left = text[:EXAMPLE_CHARS], len(text) - EXAMPLE_CHARS
     assert left > 3000
     assert result.output.endswith(f"decoded:\n{shown}… [{left} more characters]\n"), result.output[-500:]
 
