@@ -1,5 +1,5 @@
-"""Model, optimizer and scheduler: load a Hugging Face causal LM, choose its attention and loss, optionally apply
-Liger and torch.compile, shard with FSDP2.
+"""Model, optimizer and scheduler: load a Hugging Face causal LM, choose its loss, optionally apply Liger and
+torch.compile, shard with FSDP2. Its attention is chosen in attention.py, and checked by probe.py's start-up probe.
 
 The model the loop sees is `LossModel`: it wraps the causal LM and returns the *summed* cross-entropy of one
 padding-free row over its target positions (an index the collator built on the CPU, so nothing in a minibatch's
@@ -8,7 +8,6 @@ runs, whichever loss is used.
 """
 
 import functools
-import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,102 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention import (
+    PER_SEQUENCE,  # noqa: F401  (tests/test_train.py reads it here)
+    choose_attention,
+    register_attention,
+    text_config,
+)
+from probe import probe_model
 from utils import UserError, broadcast_buffers, fail, first_line, log
-
-# ---------------------------------------------------------------------------------------------------------------
-# Attention: each packed sequence attends only within itself. Two functions registered with transformers, chosen
-# by name like its own (`--attn-implementation`); both read the row's sequence boundaries from the keyword
-# arguments LossModel passes through the model (`cu_seq_lens_q`, ...), as flash_attention_2 does.
-
-VARLEN = "leantrain_varlen"  # torch's FlashAttention-2 kernel for packed rows (CUDA, bf16/fp16, PyTorch >= 2.10)
-PER_SEQUENCE = "leantrain_per_sequence"  # one causal attention call per sequence of the row (any device)
-
-
-class AttentionNotSupported(Exception):
-    """The model asks an attention function for something it does not compute (the setup probe falls back)."""
-
-
-def _check_packing_args(module, kwargs: dict, unsupported: dict):
-    for name, value in unsupported.items():
-        if value is not None and value is not False:
-            raise AttentionNotSupported(f"{type(module).__name__} passes `{name}`")
-    if kwargs.get("cu_seq_lens_q") is None:
-        raise AttentionNotSupported(f"{type(module).__name__} does not pass the packed row's sequence boundaries")
-
-
-def _varlen_kernel():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    # The signature changed between releases: 2.11 has no `enable_gqa` (grouped KV heads just work there).
-    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
-    return lambda *args, **kw: varlen_attn(*args, **kw, **gqa)
-
-
-VARLEN_KERNEL = _varlen_kernel()
-
-
-def varlen_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
-):
-    """One varlen FlashAttention call for the whole packed row. Shapes: query [1, heads, T, dim] -> [1, T, heads,
-    dim]. transformers' sliding_window W lets a query see W keys, itself included: flash's left window W - 1."""
-    _check_packing_args(module, kwargs, {"softcap": softcap, "s_aux": kwargs.get("s_aux"), "dropout": dropout or None})
-    if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cuda":
-        raise AttentionNotSupported(f"{VARLEN} needs CUDA and bf16/fp16 compute")
-    cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    # [T, heads, dim], contiguous: under compile the copy fuses into the kernel that wrote q and k (RoPE)
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
-    out = VARLEN_KERNEL(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=window)
-    return out.unsqueeze(0), None
-
-
-def _attend_one(q, k, v, scale, window, softcap, dropout):
-    """Causal attention of one sequence ([1, heads, L, dim]), with transformers' sliding window and soft-capping."""
-    length = q.shape[2]
-    if softcap is None and (window is None or length <= window):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=True)
-    i = torch.arange(length, device=q.device)
-    allowed = i[:, None] >= i[None, :]
-    if window is not None:
-        allowed &= i[:, None] - i[None, :] < window
-    if softcap is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout, enable_gqa=True
-        )
-    # Soft-capped scores (Gemma 2): SDPA cannot cap them, so compute them as the model's eager attention does.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~allowed, float("-inf"))
-    probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
-    return probs @ v
-
-
-def per_sequence_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
-):
-    """Causal attention run per sequence of a packed row, on any device and dtype. transformers builds a dense T x T
-    block-diagonal mask for packed rows under sdpa/eager, and the CPU kernels compute every masked block; attending
-    within each sequence costs ~T/len(sequence) times less. Shapes: query [1, heads, T, dim] -> [1, T, heads, dim]."""
-    _check_packing_args(module, kwargs, {"s_aux": kwargs.get("s_aux")})
-    lengths = kwargs["leantrain_cu_seq_lens_host"].diff().tolist()  # a CPU copy of the boundaries: no device sync
-    dropout = dropout if module.training else 0.0
-    outs = [
-        _attend_one(q, k, v, scaling, sliding_window, softcap, dropout)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_attention():
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loss: summed cross-entropy over the row's target positions. Three ways, one result:
@@ -121,12 +32,6 @@ def register_attention():
 #   liger   - Liger's fused linear cross-entropy (CUDA), the same idea in Triton.
 # chunked and liger apply the LM head themselves, so they must apply the model's logit transform too; the setup
 # probe checks they agree with the model's own logits and `auto` falls back to `model` where they do not.
-
-
-def text_config(config):
-    """The language model's part of a config (a multimodal config nests it; a text config is its own)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
 
 CHUNK_LOGITS = 2**28  # logits per chunk (1 GiB in fp32): bounds the loss's memory whatever the vocabulary
 
@@ -395,101 +300,6 @@ def rope_switch(config) -> int | None:
     return min(switches) + 1
 
 
-def model_class(config):
-    """The causal-LM class transformers builds for this config (None where it has none registered here)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        return None
-
-
-def takes_attention_functions(config) -> bool:
-    """Whether the model calls its attention through transformers' AttentionInterface, which is how leantrain's
-    attention functions (and flash_attention_2) reach it. Older designs (Falcon, Bloom, MPT, Mamba...) do not."""
-    cls = model_class(config)
-    return cls is None or bool(getattr(cls, "_supports_attention_backend", True))
-
-
-def own_attention(config) -> str:
-    """The model's own attention: sdpa where it has one, else eager."""
-    cls = model_class(config)
-    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
-
-
-def packed_attention_cannot(config, longest: int) -> str | None:
-    """What leantrain's packed-row attention functions (and flash-attn's) cannot compute for this model on
-    sequences of up to `longest` tokens, if any: they see only the row's sequence boundaries, not the mask
-    transformers builds."""
-    text = text_config(config)
-    if not takes_attention_functions(config):
-        return f"{config.model_type} models take no attention functions"
-    chunk = getattr(text, "attention_chunk_size", None)  # Llama 4: each query sees only its own chunk of keys
-    if chunk and chunk < longest:
-        return (
-            f"{config.model_type} attends in chunks of {chunk} tokens (attention_chunk_size), and sequences of up "
-            f"to --max-tokens-per-gpu {longest} span several"
-        )
-    return None
-
-
-def packed_rows_cannot(config, longest: int) -> str | None:
-    """What the model computes along the whole row, whatever the attention, that the probe's short rows cannot
-    show (seen in its config). Llama 4's NoPE layers scale queries by their index in the row from floor_scale on:
-    in a packed row, not their position in their own sequence."""
-    text = text_config(config)
-    floor = getattr(text, "floor_scale", None)
-    nope = 0 in (getattr(text, "no_rope_layers", None) or [])
-    if getattr(text, "attn_temperature_tuning", False) and nope and floor and floor < longest:
-        return (
-            f"scales queries by their index along the row (attn_temperature_tuning from floor_scale {floor}, "
-            f"below --max-tokens-per-gpu {longest})"
-        )
-    return None
-
-
-def flex_attention_trains_on(device) -> bool:
-    """torch's flex attention has no backward on some devices (the CPU): it raises once its inputs need grads."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    q = torch.zeros(1, 1, 16, 16, device=device, requires_grad=True)
-    try:
-        flex_attention(q, q, q)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def choose_attention(cfg, dist, config) -> str:
-    """`auto`: flash-attn's varlen kernel if installed (CUDA), else torch's varlen kernel (CUDA, bf16/fp16, no
-    attention soft-capping), else per-sequence attention; for a model they cannot compute (no attention functions,
-    chunked attention), its own sdpa. A named implementation is used as given, if it can train here."""
-    name = cfg.attn_implementation
-    if name in ("auto", VARLEN, PER_SEQUENCE) and (cannot := packed_attention_cannot(config, cfg.max_tokens_per_gpu)):
-        if name == "auto":
-            return own_attention(config)
-        fail(f"--attn-implementation {name}: {cannot}; use --attn-implementation auto, sdpa or eager")
-    if name == "flex_attention" and not flex_attention_trains_on(dist.device):
-        fail(f"--attn-implementation flex_attention: torch has no backward for it on {dist.device.type}; use auto")
-    cuda = dist.device.type == "cuda"
-    varlen_runs = cuda and VARLEN_KERNEL is not None and cfg.compute_dtype in ("bfloat16", "float16")
-    if name == VARLEN and not varlen_runs:
-        fail(f"--attn-implementation {VARLEN} needs CUDA, bf16/fp16 compute and torch >= 2.10; use auto")
-    if name != "auto":
-        return name
-    if cuda:
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-        if varlen_runs and not getattr(text_config(config), "attn_logit_softcapping", None):
-            return VARLEN
-    return PER_SEQUENCE
-
-
 def choose_loss(cfg, dist) -> str:
     """`auto`: chunked cross-entropy (no dependency, bounded memory); `liger` only when asked for."""
     if cfg.loss == "liger" and dist.device.type != "cuda":
@@ -506,36 +316,10 @@ def apply_liger(lm):
 
 def compile_layers(lm):
     """Regional compile: each decoder layer's forward on its own (one graph reused by every layer, compiled in
-    seconds), with dynamic shapes so that a new row length or sequence count does not recompile. Per-sequence
-    attention, a Python loop over host-side lengths, stays out of the graphs."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PER_SEQUENCE, torch.compiler.disable(per_sequence_attention))
+    seconds), with dynamic shapes so that a new row length or sequence count does not recompile."""
+    register_attention(compiled=True)
     for layer in decoder_layers(lm):
         layer.forward = torch.compile(layer.forward, dynamic=True)
-
-
-PROBE_LENGTHS = (12, 9)  # the two probe sequences; every token but the first of each is a target
-
-
-def probe_rows(vocab_size: int):
-    """Two tiny packed rows holding the same two random sequences (PROBE_LENGTHS tokens), one in each order, and a
-    row of the first alone, through the real collator."""
-    import numpy as np
-
-    from sampler import TokenizedData, collate
-
-    lengths = PROBE_LENGTHS
-    ids = np.random.default_rng(0).integers(0, vocab_size, sum(lengths)).astype(np.int32)
-    data = TokenizedData(
-        input_ids=ids,
-        labels=ids.copy(),
-        position_ids=np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
-        offsets=np.array([0, lengths[0], sum(lengths)]),
-        num_loss_counted_tokens=np.array([n - 1 for n in lengths]),
-        source_lines=np.array([1, 2]),
-    )
-    return collate(data, [0, 1]), collate(data, [1, 0]), collate(data, [0])
 
 
 def reshard(model):
@@ -546,121 +330,6 @@ def reshard(model):
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def probe_forwards(model, rows) -> list[tuple]:
-    """(the model's own logits, the loss path's logits) at the targets of each probe row."""
-    outputs = []
-    for row in rows:
-        with torch.no_grad():
-            own, ours = model(**row)
-        reshard(model)
-        outputs.append((own.float(), ours))
-    return outputs
-
-
-def mixing(outputs) -> float:
-    """How far each sequence's logits move when the two probe sequences swap places in the row, relative to the
-    largest logit. Both rows have the same shapes and so run the same kernels: a model that keeps the sequences of a
-    packed row apart scores ~0; one that leaks across them, or counts positions along the row, does not."""
-    (ab, _), (ba, _) = outputs
-    second = PROBE_LENGTHS[1] - 1  # the second sequence's targets, first in `ba`
-    return moved_by(ab, torch.cat([ba[second:], ba[:second]]))
-
-
-def moved_by(logits, other) -> float:
-    """The largest difference between two sets of logits, relative to the first's largest logit."""
-    return float((logits - other).abs().max() / logits.abs().max().clamp(min=1e-6))
-
-
-MIXING_TOLERANCE = 1e-3
-# How far the chunked or Liger loss's logits may stray from the model's own, relative to the largest: the two
-# round differently in 16-bit compute, and agree to ~1e-6 in fp32 (a forgotten soft-cap moves them ~1e-3).
-LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
-
-
-def check_rows(model, rows) -> tuple[list | None, str | None]:
-    """(probe outputs, None) if the model runs the probe rows and keeps their two sequences apart, else (None, what
-    goes wrong). An attention function that refuses the model raises AttentionNotSupported."""
-    try:
-        outputs = probe_forwards(model, rows)
-    except AttentionNotSupported:
-        raise
-    except Exception as e:  # e.g. transformers refusing packed rows for a layer type it cannot split
-        reshard(model)
-        return None, f"fails ({first_line(e)})"
-    if (moved := mixing(outputs)) > MIXING_TOLERANCE:
-        return None, f"mixes the two sequences (their logits move {moved:.1e} when they swap places)"
-    return outputs, None
-
-
-def positions_moved(model, row) -> float:
-    """How far the logits of a one-sequence row move when the model numbers its positions itself instead of being
-    given the collator's 0-based position_ids, relative to the largest."""
-    (given, _), *_ = probe_forwards(model, [row])
-    model.own_positions = True
-    try:
-        (own, _), *_ = probe_forwards(model, [row])
-    except Exception:  # a model that cannot do without position_ids takes the collator's
-        reshard(model)
-        return 0.0
-    finally:
-        model.own_positions = False
-    return moved_by(given, own)
-
-
-def use_attention(model, cfg, name: str):
-    cfg.attn_implementation = name
-    model.lm.set_attn_implementation(name)
-
-
-def probe_model(model, cfg, dist, config, requested: tuple[str, str]):
-    """Forwards of two tiny packed rows before training, for what cannot be known in advance (`requested` is the
-    (attention, loss) the user asked for; `auto` falls back, a named choice that cannot be kept fails):
-    - the attention function must get what it needs, else eager (transformers' own, masks from position_ids);
-    - the model must keep the sequences of a packed row apart (Mamba's convolutions and state, Falcon's masks,
-      positions counted along the row do not; nor, by its config, Llama 4's query scaling on rows past floor_scale)
-      and take 0-based position_ids (RoBERTa-style models do not), else each minibatch runs as a padded batch, one
-      sequence per row (numbering its positions itself where it must);
-    - chunked and liger, which apply the LM head and the logit transform themselves, must match the model's own
-      logits, else the model's own forward computes the loss."""
-    *rows, alone = [mb.inputs(dist.device) | {"target_ids": None} for mb in probe_rows(text_config(config).vocab_size)]
-    name = type(model.lm).__name__
-    model.eval()  # no dropout: the checks compare forwards
-    try:
-        outputs, problem = check_rows(model, rows)
-    except AttentionNotSupported as e:
-        reshard(model)
-        if requested[0] != "auto":
-            fail(f"--attn-implementation {cfg.attn_implementation}: {e}; use --attn-implementation eager")
-        log(f"attention {cfg.attn_implementation}: {e}; using eager")
-        use_attention(model, cfg, "eager")
-        outputs, problem = check_rows(model, rows)
-    problem = problem or packed_rows_cannot(config, cfg.max_tokens_per_gpu)
-    if not problem and (moved := positions_moved(model, alone)) > MIXING_TOLERANCE:
-        problem = f"needs positions numbered its own way (its logits move {moved:.1e} given 0-based position_ids)"
-        model.own_positions = True
-    if problem:
-        message = f"{name} on a packed row {problem}"
-        if cfg.attn_implementation in (VARLEN, PER_SEQUENCE):
-            if requested[0] != "auto":
-                fail(f"--attn-implementation {cfg.attn_implementation}: {message}; use --attn-implementation auto")
-            use_attention(model, cfg, own_attention(config))
-        log(f"packing: {message}; training on padded batches instead, attention {cfg.attn_implementation} (slower)")
-        model.padded = True
-        outputs, problem = check_rows(model, rows)
-        if problem:
-            fail(f"--model-name-or-path {cfg.model_name_or_path}: {name} on a padded batch {problem}")
-    model.train()
-    own, ours = outputs[0]
-    own_max = float(own.abs().max()) + 1e-6
-    if model.loss == "model" or torch.allclose(own, ours, rtol=0, atol=LOSS_TOLERANCE[cfg.compute_dtype] * own_max):
-        return
-    message = f"the model's logits are not its LM head's output under {model.transform}"
-    if requested[1] != "auto":
-        fail(f"--loss {cfg.loss}: {message}; use --loss model")
-    log(f"loss: {message}; using the model's own forward (--loss model)")
-    model.loss = cfg.loss = "model"
 
 
 def setup_model(cfg, dist, config) -> LossModel:

@@ -114,6 +114,61 @@ def dense_targets(mb):
     return row
 
 
+# --- the model set up as train.py does it: shared by test_setup_model.py, test_attention.py and test_probe.py ---
+
+
+def setup(model_dir, dist, **flags):
+    """setup_model as train.py calls it; returns (model, resolved config)."""
+    import setup_model
+    import train
+
+    required = dict(
+        model_name_or_path=str(model_dir), data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64
+    )
+    cfg = train.TrainConfig(**required, compute_dtype="float32", **flags)
+    return setup_model.setup_model(cfg, dist, setup_model.check_model_path(str(model_dir))), cfg
+
+
+@pytest.fixture(scope="module")
+def qwen_data(qwen_dir, tmp_path_factory):
+    return tokenized_conversations(tmp_path_factory.mktemp("probe_data"), qwen_dir, 10, seed=2, max_tokens=256)
+
+
+def packed_loss(model, qwen_data):
+    from sampler import collate, load_tokenized
+
+    data = load_tokenized(qwen_data, 10_000)
+    return model(**collate(data, list(range(5))).inputs("cpu"))
+
+
+def save_arch(tmp_path, model_type, **overrides):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_model.arch_config(model_type, **overrides)).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def per_sample_loss(model_dir, qwen_data, n=5):
+    """The model's own forward, one sample at a time, eval mode: summed loss over the first n samples."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from sampler import collate, load_tokenized
+
+    data = load_tokenized(qwen_data, 10_000)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            mb = collate(data, [i])
+            logits = lm(input_ids=mb.input_ids, use_cache=False).logits[0, mb.target_index]
+            total += F.cross_entropy(logits, mb.target_ids, reduction="sum").item()
+    return total
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

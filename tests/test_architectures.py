@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import attention
 import setup_model
 import tiny_model
 from conftest import ROOT, tokenized_conversations, torchrun
@@ -53,7 +54,7 @@ LEAKY = "leaky"  # tests/leaky_model.py: mixes the sequences of a packed row on 
 # no attention functions or mixes the sequences; auto lets the probe choose packed rows or padded batches.
 AUTO = {"falcon", "minimax", "mamba", LEAKY}
 # Every path of leantrain's own on the CPU (on a GPU, tests/test_gpu.py adds the varlen and Liger paths).
-PATHS = [(setup_model.PER_SEQUENCE, "chunked"), (setup_model.PER_SEQUENCE, "model")]
+PATHS = [(attention.PER_SEQUENCE, "chunked"), (attention.PER_SEQUENCE, "model")]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_architectures_equal_unpacked_reference(attn, loss, arch_models, arch_da
         config = json.loads((Path(arch_models[name]) / "config.json").read_text())
         if config["architectures"][0] in padded_classes:
             padded.add(name)  # padded batches run the model's own attention, not a packed-row one
-            assert params["attn_implementation"] not in (setup_model.PER_SEQUENCE, setup_model.VARLEN), name
+            assert params["attn_implementation"] not in (attention.PER_SEQUENCE, attention.VARLEN), name
         assert all(m["num_minibatches"] >= 2 for m in metrics), name
         ref_losses, ref_norms = references[name]
         for m, ref_loss, ref_norm in zip(metrics, ref_losses, ref_norms, strict=True):

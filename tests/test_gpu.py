@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
+import attention
 import setup_model
 import tiny_model
 from conftest import GPU_ENV, ROOT, run_script, tokenize
 from sampler import collate, load_tokenized
 
-BACKENDS = [setup_model.VARLEN, setup_model.PER_SEQUENCE] + (
+BACKENDS = [attention.VARLEN, attention.PER_SEQUENCE] + (
     ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
 )
 
@@ -43,9 +44,9 @@ def test_packed_equals_separate_in_bf16(tmp_path, arch, backend, gpu_data, qwen_
     loss), bf16 compute: loss rel 2e-3. The window (16) is shorter than most samples."""
     from transformers import AutoModelForCausalLM
 
-    if arch == "gemma2-softcap" and backend == setup_model.VARLEN:
+    if arch == "gemma2-softcap" and backend == attention.VARLEN:
         pytest.skip("varlen kernels have no soft-capping: auto never picks them for Gemma 2")
-    setup_model.register_attention()
+    attention.register_attention()
     config = {
         "qwen2": lambda: tiny_model.model_config("qwen2"),
         "mistral-window": lambda: tiny_model.arch_config("mistral", sliding_window=16),
@@ -94,7 +95,7 @@ def test_auto_defaults_on_cuda(qwen_dir, gpu_data, tmp_path):
     metrics, stdout = train_gpu(qwen_dir, gpu_data, tmp_path / "run")
     params = json.loads((tmp_path / "run" / "training_params.json").read_text())
     assert params["compute_dtype"] == "bfloat16" and params["compile"] is True
-    assert params["attn_implementation"] in ("flash_attention_2", setup_model.VARLEN)
+    assert params["attn_implementation"] in ("flash_attention_2", attention.VARLEN)
     assert "packing:" not in stdout  # bf16 on the GPU: the packing check must not mistake rounding for mixing
     assert metrics[-1]["loss"] < metrics[0]["loss"] and metrics[0]["peak_memory_gb"] > 0
 

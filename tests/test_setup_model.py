@@ -1,5 +1,6 @@
-"""setup_model's pieces on the CPU: the chunked loss == plain cross-entropy (logit transforms included), the
-per-sequence attention == the model's own eager attention on windows and soft-capping, attention and loss choice."""
+"""setup_model's pieces on the CPU: the chunked loss == plain cross-entropy (logit transforms included), the logit
+transform read from the config, schedules refused early, no host sync inside a minibatch, compiled layers that do not
+recompile, padded batches, decoder layers of unusual layouts, longrope's samples trained alone."""
 
 import re
 
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import setup_model
+from attention import PER_SEQUENCE, register_attention
+from conftest import packed_loss, per_sample_loss, save_arch, setup
 from setup_model import LogitTransform, chunked_loss_sum, cross_entropy_and_grad
 
 
@@ -72,148 +75,6 @@ def test_logit_transform_read_from_config(config, expected):
     assert LogitTransform.of(cfg) == expected
 
 
-# --- the setup probe: what auto falls back to, what a named choice refuses -------------------------------------
-
-
-def setup(model_dir, dist, **flags):
-    """setup_model as train.py calls it; returns (model, resolved config)."""
-    import train
-
-    required = dict(
-        model_name_or_path=str(model_dir), data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64
-    )
-    cfg = train.TrainConfig(**required, compute_dtype="float32", **flags)
-    return setup_model.setup_model(cfg, dist, setup_model.check_model_path(str(model_dir))), cfg
-
-
-@pytest.fixture(scope="module")
-def granite_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    import tiny_model
-
-    torch.manual_seed(0)
-    config = tiny_model.arch_config("granite", logits_scaling=4.0, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("granite")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
-
-
-def packed_loss(model, qwen_data):
-    from sampler import collate, load_tokenized
-
-    data = load_tokenized(qwen_data, 10_000)
-    return model(**collate(data, list(range(5))).inputs("cpu"))
-
-
-@pytest.fixture(scope="module")
-def qwen_data(qwen_dir, tmp_path_factory):
-    from conftest import tokenized_conversations
-
-    return tokenized_conversations(tmp_path_factory.mktemp("probe_data"), qwen_dir, 10, seed=2, max_tokens=256)
-
-
-def test_unknown_logit_transform_falls_back_to_the_models_own_loss(granite_dir, qwen_data, dist, monkeypatch, capsys):
-    """Pretend leantrain did not know Granite's logits_scaling: auto must notice and use the model's forward (same
-    loss as with the transform known); a named chunked loss must refuse."""
-    reference, _ = setup(granite_dir, dist)
-    assert reference.loss == "chunked"
-    monkeypatch.setattr(setup_model.LogitTransform, "of", classmethod(lambda cls, config: cls()))
-    model, cfg = setup(granite_dir, dist)
-    assert model.loss == cfg.loss == "model"
-    assert "using the model's own forward" in capsys.readouterr().out
-    with torch.no_grad():
-        assert packed_loss(model, qwen_data).item() == pytest.approx(packed_loss(reference, qwen_data).item(), rel=1e-5)
-    with pytest.raises(setup_model.UserError, match=r"^--loss chunked: the model's logits are not"):
-        setup(granite_dir, dist, loss="chunked")
-
-
-def test_a_slightly_different_logit_transform_is_noticed_in_fp32(qwen_dir, dist, monkeypatch, capsys):
-    """A transform leantrain gets 0.1% wrong (as a forgotten soft-cap of RecurrentGemma's moves logits ~1e-3): the
-    fp32 probe compares to 1e-4 of the largest logit, so auto falls back to the model's own forward."""
-    monkeypatch.setattr(setup_model.LogitTransform, "of", classmethod(lambda cls, config: cls(1.001)))
-    model, cfg = setup(qwen_dir, dist)
-    assert model.loss == cfg.loss == "model" and "using the model's own forward" in capsys.readouterr().out
-
-
-def test_attention_choice_refuses_what_cannot_train(dist):
-    """Chunked attention (Llama 4's attention_chunk_size) is not a window leantrain's packed-row functions know:
-    where a sequence can be longer than a chunk, auto takes the model's own sdpa (exact on packed rows:
-    transformers builds the chunked mask from position_ids) and a named one stops in one line; flex attention has
-    no backward on the CPU."""
-    import tiny_model
-    import train
-
-    config = tiny_model.arch_config("llama4_text", attention_chunk_size=32, num_local_experts=2)
-    cfg = train.TrainConfig(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=33)
-    assert setup_model.choose_attention(cfg, dist, config) == "sdpa"
-    cfg.attn_implementation = setup_model.PER_SEQUENCE
-    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: llama4_text "):
-        setup_model.choose_attention(cfg, dist, config)
-    cfg.max_tokens_per_gpu = 32  # no sequence passes its first chunk
-    assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
-    cfg.attn_implementation = "auto"
-    assert setup_model.choose_attention(cfg, dist, config) == setup_model.PER_SEQUENCE
-    cfg.attn_implementation = "flex_attention"
-    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation flex_attention: torch has no backward"):
-        setup_model.choose_attention(cfg, dist, config)
-
-
-def test_auto_attention_on_cuda_takes_the_fastest_kernel_the_model_allows(monkeypatch):
-    """The CUDA order, decided on the host (no GPU needed): flash-attn's varlen kernel if the package is installed,
-    else torch's varlen kernel for bf16/fp16 without attention soft-capping, else per-sequence attention; a model
-    that takes no attention functions keeps its own."""
-    import sys
-    from types import ModuleType, SimpleNamespace
-
-    import tiny_model
-    import train
-
-    cuda = SimpleNamespace(device=torch.device("cuda"))
-    qwen, gemma2, falcon = (tiny_model.arch_config(arch) for arch in ("qwen2", "gemma2", "falcon"))
-    assert gemma2.attn_logit_softcapping
-    falcons_own = setup_model.own_attention(falcon)  # imports its modeling code before flash_attn is faked
-
-    required = dict(model_name_or_path="-", data_path="-", output_dir="-", batch_size=1, max_tokens_per_gpu=64)
-
-    def choice(config, compute_dtype="bfloat16", flash=False, varlen=True):
-        monkeypatch.setitem(sys.modules, "flash_attn", ModuleType("flash_attn") if flash else None)
-        monkeypatch.setattr(setup_model, "VARLEN_KERNEL", (lambda *a, **k: None) if varlen else None)
-        return setup_model.choose_attention(train.TrainConfig(**required, compute_dtype=compute_dtype), cuda, config)
-
-    assert choice(qwen, flash=True) == choice(gemma2, flash=True) == "flash_attention_2"
-    assert choice(qwen) == choice(qwen, compute_dtype="float16") == setup_model.VARLEN
-    assert choice(gemma2) == setup_model.PER_SEQUENCE  # torch's varlen kernel has no soft-capping
-    assert choice(qwen, compute_dtype="float32") == setup_model.PER_SEQUENCE
-    assert choice(qwen, varlen=False) == setup_model.PER_SEQUENCE  # a torch without torch.nn.attention.varlen
-    assert choice(falcon, flash=True) == falcons_own == "sdpa"
-    cfg = train.TrainConfig(**required, compute_dtype="float32", attn_implementation=setup_model.VARLEN)
-    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_varlen needs CUDA, bf16"):
-        setup_model.choose_attention(cfg, cuda, qwen)
-
-
-def test_attention_the_model_cannot_use_falls_back_to_eager(qwen_dir, qwen_data, dist, monkeypatch, capsys):
-    """An attention function that refuses the model (as both of leantrain's refuse attention sinks): auto trains
-    with eager instead, through the same FSDP-wrapped model (loss and gradients as a fresh eager model's); a
-    named implementation stops with one line."""
-    reference, _ = setup(qwen_dir, dist, attn_implementation="eager")
-
-    def refuse(module, *args, **kwargs):
-        raise setup_model.AttentionNotSupported(f"{type(module).__name__} passes `s_aux`")
-
-    monkeypatch.setattr(setup_model, "per_sequence_attention", refuse)
-    model, cfg = setup(qwen_dir, dist)
-    assert cfg.attn_implementation == "eager" and "passes `s_aux`; using eager" in capsys.readouterr().out
-    losses = [packed_loss(m, qwen_data) for m in (model, reference)]
-    for loss in losses:
-        loss.backward()
-    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.allclose(p.grad.full_tensor(), q.grad.full_tensor(), atol=1e-6)
-    with pytest.raises(setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: .* use --attn"):
-        setup(qwen_dir, dist, attn_implementation="leantrain_per_sequence")
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -238,52 +99,11 @@ def test_unusable_schedules_fail_before_any_heavy_work(flags, message):
     setup_model.check_scheduler(cfg)
 
 
-# --- models that mix the sequences of a packed row -------------------------------------------------------------
-
-
-def save_arch(tmp_path, model_type, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    import tiny_model
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_model.arch_config(model_type, **overrides)).save_pretrained(tmp_path)
-    return tmp_path
-
-
-def per_sample_loss(model_dir, qwen_data, n=5):
-    """The model's own forward, one sample at a time, eval mode: summed loss over the first n samples."""
-    from transformers import AutoModelForCausalLM
-
-    from sampler import collate, load_tokenized
-
-    data = load_tokenized(qwen_data, 10_000)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(n):
-            mb = collate(data, [i])
-            logits = lm(input_ids=mb.input_ids, use_cache=False).logits[0, mb.target_index]
-            total += F.cross_entropy(logits, mb.target_ids, reduction="sum").item()
-    return total
-
-
-def padded_and_packed_losses(model, qwen_data) -> tuple[float, float]:
-    """The summed loss of the first samples as the setup left the model (padded batches), then as packed rows with
-    the collator's position_ids: what training would compute without the probe's switch. Eval mode."""
-    model.eval()
-    with torch.no_grad():
-        padded = packed_loss(model, qwen_data).item()
-        model.padded = model.own_positions = False
-        packed = packed_loss(model, qwen_data).item()
-    return padded, packed
-
-
 @pytest.mark.parametrize(
     "attention, loss, padded, own_positions",
     [
-        (setup_model.PER_SEQUENCE, "chunked", False, False),
-        (setup_model.PER_SEQUENCE, "model", False, False),
+        (PER_SEQUENCE, "chunked", False, False),
+        (PER_SEQUENCE, "model", False, False),
         ("eager", "chunked", True, False),
         ("eager", "model", True, True),
     ],
@@ -296,7 +116,7 @@ def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, l
 
     from sampler import collate, load_tokenized
 
-    setup_model.register_attention()
+    register_attention()
     lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation=attention).to("meta")
     model = setup_model.LossModel(lm, loss, LogitTransform.of(lm.config))
     model.padded, model.own_positions = padded, own_positions
@@ -346,74 +166,6 @@ def test_padded_batch_puts_outputs_back_in_row_order():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1] * 5]
     assert inputs["position_ids"][2].tolist() == [0, 1, 2, 3, 4]
     assert inputs["input_ids"][row_order].tolist() == row[0].tolist()
-
-
-def test_a_model_that_mixes_packed_sequences_trains_on_padded_batches(tmp_path, qwen_data, dist, capsys):
-    """A model built to leak across the sequences of a packed row (tests/leaky_model.py: a token shift over the
-    embeddings): the probe finds it, switches to padded batches, and the loss equals separate per-sample forwards,
-    where packed rows would not. Built on purpose, so no transformers release can change what it does."""
-    from leaky_model import save_leaky_model
-
-    model_dir = save_leaky_model(tmp_path)
-    model, cfg = setup(model_dir, dist)
-    assert model.padded and cfg.attn_implementation == "sdpa" and cfg.loss == "chunked"
-    assert f"packing: {type(model.lm).__name__} on a packed row mixes the two sequences" in capsys.readouterr().out
-    padded, packed = padded_and_packed_losses(model, qwen_data)
-    reference = per_sample_loss(model_dir, qwen_data)
-    assert padded == pytest.approx(reference, rel=1e-5)
-    assert packed != pytest.approx(reference, rel=1e-5)  # what training on packed rows would have computed
-
-
-def test_a_named_packed_row_attention_is_refused_for_a_model_without_attention_functions(tmp_path, dist, monkeypatch):
-    """A model that takes no attention functions (as Falcon, Bloom or MPT in the transformers releases measured)
-    cannot run leantrain's packed-row attention: a named one stops with one line, auto takes the model's own."""
-    from leaky_model import save_leaky_model
-
-    model_dir = save_leaky_model(tmp_path)
-    monkeypatch.setattr(setup_model, "takes_attention_functions", lambda config: False)
-    with pytest.raises(
-        setup_model.UserError, match=r"^--attn-implementation leantrain_per_sequence: leaky_qwen2 models"
-    ):
-        setup(model_dir, dist, attn_implementation="leantrain_per_sequence")
-    _, cfg = setup(model_dir, dist)
-    assert cfg.attn_implementation == "sdpa"
-
-
-def test_a_model_that_refuses_packed_rows_trains_on_padded_batches(qwen_dir, qwen_data, dist, monkeypatch, capsys):
-    """An error from the model on a packed row (as transformers raises for linear-attention layers it cannot split
-    without flash-linear-attention): auto trains on padded batches, with the same loss as packed rows would give a
-    model that keeps them apart."""
-    reference, _ = setup(qwen_dir, dist)
-    with torch.no_grad():
-        expected = packed_loss(reference, qwen_data).item()
-    attend = setup_model.per_sequence_attention
-
-    def refuse_packed(module, query, *args, **kwargs):
-        if len(kwargs.get("leantrain_cu_seq_lens_host", [])) > 2:
-            raise ValueError("`chunk_gated_delta_rule` can't keep packed sequences apart")
-        return attend(module, query, *args, **kwargs)
-
-    monkeypatch.setattr(setup_model, "per_sequence_attention", refuse_packed)
-    model, cfg = setup(qwen_dir, dist)
-    out = capsys.readouterr().out
-    assert "on a packed row fails (`chunk_gated_delta_rule` can't keep packed sequences apart)" in out
-    assert model.padded and cfg.attn_implementation == "sdpa"
-    with torch.no_grad():
-        assert packed_loss(model, qwen_data).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_a_model_that_mixes_even_padded_batches_is_refused(qwen_dir, dist, monkeypatch):
-    monkeypatch.setattr(setup_model, "mixing", lambda outputs: 0.5)
-    with pytest.raises(setup_model.UserError, match=r"on a padded batch mixes the two sequences .*5\.0e-01"):
-        setup(qwen_dir, dist)
-
-
-def test_dropout_does_not_fool_the_probe(tmp_path, qwen_data, dist):
-    """GPT-2's default dropout (0.1) would make any two training-mode forwards differ: the probe compares in eval
-    mode, keeps packed rows and the chunked loss, and leaves the model in training mode."""
-    model, cfg = setup(save_arch(tmp_path, "gpt2"), dist)
-    assert model.lm.config.resid_pdrop == 0.1
-    assert not model.padded and cfg.loss == "chunked" and model.training
 
 
 def test_decoder_layers_and_body_of_unusual_layouts():
@@ -474,58 +226,3 @@ def test_longrope_samples_past_the_switch_get_a_minibatch_to_themselves(tmp_path
     reference = per_sample_loss(model_dir, qwen_data, n)
     assert total == pytest.approx(reference, rel=1e-5)
     assert mixed != pytest.approx(reference, rel=1e-5)  # one packed row: every sample with the long factors
-
-
-def test_chunked_attention_trains_exactly_under_auto(tmp_path, qwen_data, dist):
-    """Llama 4 with 32-token attention chunks on samples of up to ~250 tokens: auto's packed rows give the loss of
-    separate per-sample forwards."""
-    model_dir = save_arch(tmp_path, "llama4_text", attention_chunk_size=32, num_local_experts=2, initializer_range=0.2)
-    model, cfg = setup(model_dir, dist)
-    assert cfg.attn_implementation == "sdpa" and not model.padded
-    model.eval()
-    with torch.no_grad():
-        assert packed_loss(model, qwen_data).item() == pytest.approx(per_sample_loss(model_dir, qwen_data), rel=1e-5)
-
-
-def test_query_scaling_along_the_row_trains_on_padded_batches(tmp_path, qwen_data, dist, capsys):
-    """Llama 4's NoPE layers scale queries by their index in the row from floor_scale on (attention temperature
-    tuning): past floor_scale tokens, packed rows scale a sequence's queries by where it sits in the row. The probe's
-    rows (21 tokens) are too short to see it; the config says it, and auto trains on padded batches, equal to per-sample
-    forwards where one packed row is not."""
-    overrides = dict(num_local_experts=2, num_hidden_layers=4, floor_scale=32, attn_scale=8.0, initializer_range=0.2)
-    model_dir = save_arch(tmp_path, "llama4_text", **overrides)
-    model, cfg = setup(model_dir, dist)
-    assert model.padded and "scales queries by their index along the row" in capsys.readouterr().out
-    padded, packed = padded_and_packed_losses(model, qwen_data)
-    reference = per_sample_loss(model_dir, qwen_data)
-    assert padded == pytest.approx(reference, rel=1e-5)
-    assert packed != pytest.approx(reference, rel=1e-5)
-
-
-def test_a_model_that_numbers_its_own_positions_gets_none(tmp_path, qwen_data, dist, capsys):
-    """RoBERTa-style causal LMs count positions from padding_idx + 1 when given none: 0-based position_ids would
-    silently shift every position embedding. The probe sees the logits move, and auto trains on padded batches
-    without position_ids, equal to per-sample forwards, where packed rows with position_ids are not."""
-    model_dir = save_arch(tmp_path, "roberta", is_decoder=True, initializer_range=0.2)
-    model, cfg = setup(model_dir, dist)
-    assert model.padded and model.own_positions
-    assert "needs positions numbered its own way" in capsys.readouterr().out
-    padded, packed = padded_and_packed_losses(model, qwen_data)
-    reference = per_sample_loss(model_dir, qwen_data)
-    assert padded == pytest.approx(reference, rel=1e-5)
-    assert packed != pytest.approx(reference, rel=1e-4)
-
-
-def test_a_model_that_needs_position_ids_keeps_them(qwen_dir, dist, monkeypatch):
-    from transformers.models.qwen2 import modeling_qwen2
-
-    forward = modeling_qwen2.Qwen2Model.forward
-
-    def needs_positions(self, *args, position_ids=None, **kwargs):
-        if position_ids is None:
-            raise TypeError("position_ids are required")
-        return forward(self, *args, position_ids=position_ids, **kwargs)
-
-    monkeypatch.setattr(modeling_qwen2.Qwen2Model, "forward", needs_positions)
-    model, cfg = setup(qwen_dir, dist)
-    assert not model.padded and not model.own_positions and cfg.loss == "chunked"
