@@ -459,14 +459,14 @@ def take_optimizer_step(optimizer, scheduler) -> float:
 def train(cfg: TrainConfig):
     """Check the flags, start the process group, train, stop the process group. The Python API: a bad flag, path
     or file raises utils.UserError; the output-folder lock and the process group are released on any exit."""
-    import checkpoint
+    import run_folder
     import setup_model
     from utils import check_can_create, destroy_distributed, init_distributed
 
     cfg.validate()
     setup_model.check_scheduler(cfg)
     check_can_create(Path(cfg.output_dir), f"--output-dir {cfg.output_dir}")
-    checkpoint.check_output_dir(cfg)
+    run_folder.check_output_dir(cfg)
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
     dist = init_distributed()
     try:
@@ -480,6 +480,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
     import torch
 
     import checkpoint
+    import run_folder
     import setup_model
     from batch_metrics import MetricsLog, tracking
     from sampler import GlobalSampler
@@ -504,7 +505,7 @@ def run_training(cfg: TrainConfig, dist, model_config):
     given = find_start(cfg, Path(cfg.output_dir), dist, sampler, settings, len(data)) if cfg.resume_from else None
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
-    with checkpoint.claimed_output_dir(cfg, dist) as out:
+    with run_folder.claimed_output_dir(cfg, dist) as out:
         found, num_steps = given or find_start(cfg, out.path, dist, sampler, settings, len(data))
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)

@@ -19,7 +19,9 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
+import integrity  # noqa: E402
 import tiny_model  # noqa: E402
+from sampler import GlobalSampler  # noqa: E402
 from utils import Dist  # noqa: E402
 
 app = typer.Typer(add_completion=False)
@@ -51,11 +53,12 @@ def main(hidden: int = 768, layers: int = 12, intermediate: int = 2048):
         )
         sizes = {
             kind: sum(p.stat().st_size for p in (out / kind).rglob("*") if p.is_file()) / 2**30
-            for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR)
+            for kind in (integrity.STATE_DIR, integrity.HF_DIR)
         }
         start = time.perf_counter()
-        for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
-            checkpoint.verify(out / kind / "samples_4", kind, Dist(0, 0, 1, None))
+        for kind in (integrity.STATE_DIR, integrity.HF_DIR):
+            check = lambda state: checkpoint.TrainState.checked(state, GlobalSampler.check_state)  # noqa: E731
+            integrity.verify(out / kind / "samples_4", kind, Dist(0, 0, 1, None), check)
         verify_s = time.perf_counter() - start
         params = sum(
             p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters()

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import checkpoint
+import integrity
+import run_folder
 import tiny_model
 from conftest import ROOT, cpu_env, tokenized_conversations
 from sampler import GlobalSampler
@@ -103,7 +105,7 @@ class Payload:
 def forge_manifest(folder):
     """Rewrite manifest.json to match the folder as it is now (an attacker who forges everything together)."""
     (folder / "manifest.json").unlink()
-    checkpoint.write_manifest(folder, {})
+    integrity.write_manifest(folder, {})
 
 
 NEWEST = "full_state/samples_24"
@@ -201,8 +203,10 @@ def test_a_forged_trainer_state_is_damaged_not_obeyed(trained, tmp_path, forge):
     meta = json.loads((folder / "trainer_state.json").read_text())
     forge(meta)
     (folder / "trainer_state.json").write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.Damaged, match=r"trainer_state.json: "):
-        checkpoint.read_trainer_state(folder, GlobalSampler.check_state)
+    with pytest.raises(integrity.Damaged, match=r"trainer_state.json: "):
+        integrity.read_trainer_state(
+            folder, lambda state: checkpoint.TrainState.checked(state, GlobalSampler.check_state)
+        )
 
 
 def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):
@@ -232,7 +236,7 @@ def test_the_final_model_is_rebuilt_when_a_crash_hit_between_the_two_publishes(r
     assert not (run_dir / "hf_format/.tmp-samples_24").exists()
     after = load_file(hf / "model.safetensors")
     assert all((after[k] == v).all() for k, v in before.items())
-    checkpoint.verify(hf, checkpoint.HF_DIR, ONE_RANK)
+    integrity.verify(hf, integrity.HF_DIR, ONE_RANK)
     assert AutoTokenizer.from_pretrained(hf).eos_token == "<|im_end|>"
 
 
@@ -254,9 +258,9 @@ def test_a_full_disk_stops_in_one_line_and_keeps_earlier_checkpoints(run, qwen_d
     assert code == 2 and "No space left on device" in line and "samples_16" in line
     assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_8"], "partial folders removed"
     assert sorted(p.name for p in (out / "full_state").iterdir()) == ["samples_16", "samples_8"]
-    checkpoint.verify(out / "hf_format/samples_8", checkpoint.HF_DIR, ONE_RANK)
+    integrity.verify(out / "hf_format/samples_8", integrity.HF_DIR, ONE_RANK)
     assert [m["step"] for m in metrics(out)] == [1, 2], "metrics of finished steps are kept"
-    assert not (out / checkpoint.LOCK_FILE).exists()
+    assert not (out / run_folder.LOCK_FILE).exists()
 
 
 def test_a_second_run_on_the_folder_is_refused_while_the_first_lives(run, qwen_dir, data_path, run_dir):
@@ -277,13 +281,13 @@ def test_a_second_run_on_the_folder_is_refused_while_the_first_lives(run, qwen_d
         assert code == 2 and "in use by another run" in line
         assert f"host {socket.gethostname()}, pid {first.pid}, SLURM job 4242" in line
         assert (run_dir / "training_params.json").read_bytes() == params, "the refused run touches nothing"
-        assert (run_dir / checkpoint.LOCK_FILE).exists() and (run_dir / "full_state").is_dir()
+        assert (run_dir / run_folder.LOCK_FILE).exists() and (run_dir / "full_state").is_dir()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel released the dead run's lock: its lock file still names it, but the folder is free again (this
     # run gets past the lock, to the check of its length against the dead run's newest checkpoint).
-    assert (run_dir / checkpoint.LOCK_FILE).exists()
+    assert (run_dir / run_folder.LOCK_FILE).exists()
     code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=1))
     assert code == 2 and "is below the checkpoint's step" in one_error_line(err)
 
@@ -325,7 +329,7 @@ def test_changed_settings_are_refused_with_every_difference(run, qwen_dir, data_
     code, out, err = run(*argv(wider, data_path, run_dir, "--resume"))
     assert code == 2 and "--model-name-or-path is another model architecture" in one_error_line(err)
     assert (run_dir / "training_params.json").read_bytes() == params_before, "a refused resume changes nothing"
-    assert not (run_dir / checkpoint.LOCK_FILE).exists()
+    assert not (run_dir / run_folder.LOCK_FILE).exists()
 
 
 def test_a_longer_cosine_run_follows_the_new_schedule_from_the_resume_point(run, qwen_dir, data_path, run_dir):
@@ -380,15 +384,15 @@ def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     cfg = SimpleNamespace(output_dir=str(tmp_path), resume=True, resume_from=None, overwrite=False)
-    lock = tmp_path / checkpoint.LOCK_FILE
+    lock = tmp_path / run_folder.LOCK_FILE
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None}))
 
     with pytest.raises(UserError, match=f"may be in use by another run \\(host {socket.gethostname()}, pid"):
-        checkpoint.OutputDir(tmp_path, True).take(cfg)
+        run_folder.OutputDir(tmp_path, True).take(cfg)
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job_id": None}))
-    held = checkpoint.OutputDir(tmp_path, True)
+    held = run_folder.OutputDir(tmp_path, True)
     held.take(cfg)  # a stale holder on this host: taken over
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "no flock" in capfd.readouterr().out

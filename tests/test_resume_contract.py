@@ -23,7 +23,7 @@ from test_checkpoint_trust import (  # noqa: F401, F811  (fixtures: run, data_pa
     trained,
 )
 
-import checkpoint
+import integrity
 import train
 from conftest import ROOT, cpu_env
 
@@ -84,7 +84,7 @@ def test_a_checkpoint_written_before_the_change_resumes(qwen_dir, data_path, tmp
         cmd = [
             sys.executable,
             str(code_dir / "train.py"),
-            *map(str, argv(qwen_dir, data_path, out, *extra, steps=steps)),
+            *map(str, argv(qwen_dir, data_path, out, "--lr-scheduler", "constant", *extra, steps=steps)),
         ]
         r = subprocess.run(cmd, cwd=code_dir, env=cpu_env(), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -123,11 +123,11 @@ def test_plain_number_optimizer_state_resumes_exactly(run, qwen_dir, data_path, 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     code, out, err = run(*argv(qwen_dir, data_path, straight, steps=3))
     assert code == 0, err
-    numbers = json.loads((straight / NEWEST / checkpoint.OPTIMIZER_NUMBERS).read_text())
+    numbers = json.loads((straight / NEWEST / integrity.OPTIMIZER_NUMBERS).read_text())
     assert numbers and all(entries["count"] == 3 for entries in numbers.values())
     code, out, err = run(*argv(qwen_dir, data_path, resumed, "--resume-from", straight / "full_state/samples_16"))
     assert code == 0, err
-    assert json.loads((resumed / NEWEST / checkpoint.OPTIMIZER_NUMBERS).read_text()) == numbers  # 2 saved + 1
+    assert json.loads((resumed / NEWEST / integrity.OPTIMIZER_NUMBERS).read_text()) == numbers  # 2 saved + 1
     assert (resumed / NEWEST / "dcp/.metadata").read_bytes().count(b"BytesStorageMetadata") == 0  # never pickled
     assert [m["loss"] for m in metrics(resumed)] == [m["loss"] for m in metrics(straight)][2:]
 

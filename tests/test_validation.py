@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import checkpoint
+import integrity
+import run_folder
 import train
 from conftest import tokenized_conversations
 from test_train import CAP_SMALL
@@ -75,7 +77,7 @@ def test_val_loss_is_the_exact_mean_on_one_rank_from_a_thread(qwen_dir, data_pat
     worker.join()
     assert errors == [None]
     check_val_rows(out, data_paths, [2, 4, 5])
-    assert not (out / checkpoint.LOCK_FILE).exists()
+    assert not (out / run_folder.LOCK_FILE).exists()
     cfg.resume = True  # nothing left to do: no step and no val_loss row twice
     train.train(cfg)
     check_val_rows(out, data_paths, [2, 4, 5])
@@ -126,11 +128,11 @@ def test_the_split_is_held_out_by_seed_and_errors_raise(qwen_dir, data_paths, tm
 
 def test_pruning_keeps_the_best_checkpoint(tmp_path):
     for samples in (8, 16, 24, 32):
-        for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
+        for kind in (integrity.STATE_DIR, integrity.HF_DIR):
             (tmp_path / kind / f"samples_{samples}").mkdir(parents=True)
     saver = checkpoint.Saver.__new__(checkpoint.Saver)
     saver.cfg, saver.output_dir = SimpleNamespace(keep_last_checkpoints=1), tmp_path
     saver.best = {"val_loss": 1.5, "samples": 16}
     saver.prune()
-    for kind in (checkpoint.STATE_DIR, checkpoint.HF_DIR):
+    for kind in (integrity.STATE_DIR, integrity.HF_DIR):
         assert sorted(p.name for p in (tmp_path / kind).iterdir()) == ["samples_16", "samples_32"]
