@@ -23,8 +23,8 @@ from test_checkpoint_trust import (  # noqa: F401, F811  (fixtures: run, data_pa
     trained,
 )
 
+import config
 import integrity
-import train
 from conftest import ROOT, cpu_env
 
 # The last commit before the resume rules moved onto the flags: its checkpoints must resume after the change.
@@ -33,13 +33,13 @@ BEFORE_RULES = "bbe4d4e"
 
 def test_every_flag_declares_its_resume_rule():
     """A field added to TrainConfig without a rule fails here (option() also requires one)."""
-    for f in fields(train.TrainConfig):
-        assert f.metadata.get("resume") in (train.MATCH, train.FREE), f.name
-    assert set(train.SETTINGS_BEFORE) == {
-        f.name for f in fields(train.TrainConfig) if f.metadata["resume"] == "must match"
+    for f in fields(config.TrainConfig):
+        assert f.metadata.get("resume") in (config.MATCH, config.FREE), f.name
+    assert set(config.SETTINGS_BEFORE) == {
+        f.name for f in fields(config.TrainConfig) if f.metadata["resume"] == "must match"
     }
     with pytest.raises(TypeError):
-        train.option(1, "a flag without a rule")
+        config.option(1, "a flag without a rule")
 
 
 def rewrite_settings(folder, edit):
@@ -58,11 +58,11 @@ def test_a_checkpoint_without_a_setting_resumes_with_the_behaviour_from_before_i
     for n in (8, 16, 24):
         rewrite_settings(run_dir / f"full_state/samples_{n}", lambda s: s.pop("validation_split"))
     params = (run_dir / "training_params.json").read_bytes()
-    monkeypatch.setitem(train.SETTINGS_BEFORE, "validation_split", 0.25)  # as if it had behaved like 0.25 before
+    monkeypatch.setitem(config.SETTINGS_BEFORE, "validation_split", 0.25)  # as if it had behaved like 0.25 before
     code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=4))
     assert code == 2 and "--validation-split None (checkpoint: 0.25)" in one_error_line(err)
     assert (run_dir / "training_params.json").read_bytes() == params
-    monkeypatch.setitem(train.SETTINGS_BEFORE, "validation_split", None)  # its real old behaviour: no split
+    monkeypatch.setitem(config.SETTINGS_BEFORE, "validation_split", None)  # its real old behaviour: no split
     code, out, err = run(*argv(qwen_dir, data_path, run_dir, "--resume", steps=4))
     assert code == 0, err
     assert f"resumed from {run_dir / NEWEST} at step 3" in out and [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]

@@ -1,0 +1,229 @@
+"""The run's typed configuration: every flag of train.py is a field of TrainConfig, with its default, help, switch
+names and resume rule in one place; the checks that need no model or data."""
+
+import importlib.util
+import math
+from dataclasses import MISSING, dataclass, field, fields
+
+from utils import fail
+
+LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
+MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
+
+
+# Each flag's resume rule, stated where the flag is declared (nothing else lists flags):
+MATCH = "must match"  # a resume under another value would silently change the run: refused, every difference named
+FREE = "may change"  # speed, memory, length, logging, where outputs go (model and data are checked by fingerprint)
+
+
+def option(default=MISSING, help: str = "", flags: tuple = (), *, resume: str, before=MISSING):
+    """A flag: its default, help, typer's switch names, and its resume rule. `before`: for a MATCH flag added after
+    checkpoints exist, the value that reproduces the behaviour from before it existed (default: its default), which
+    an older checkpoint that lacks the setting is compared with."""
+    assert resume in (MATCH, FREE), resume
+    before = default if before is MISSING else before
+    return field(default=default, metadata={"help": help, "flags": flags, "resume": resume, "before": before})
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    model_name_or_path: str = option(help="Hugging Face model folder or hub id (a causal LM).", resume=FREE)
+    data_path: str = option(help="Tokenized JSONL written by process_data.py.", resume=FREE)
+    output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.", resume=FREE)
+    batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).", resume=MATCH)
+    max_tokens_per_gpu: int = option(
+        help="Token capacity of one minibatch on one rank; longer samples are dropped.", resume=FREE
+    )
+    drop_overlong_samples: bool = option(
+        False,
+        "Drop (and count) samples with a sequence longer than the model's positions instead of stopping.",
+        ("--drop-overlong-samples",),
+        resume=FREE,
+    )
+    # optimisation
+    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).", resume=MATCH)
+    num_warmup_steps: int = option(0, "Linear warmup steps.", resume=MATCH)
+    lr_scheduler: str = option(
+        "constant_with_warmup", "Any transformers.get_scheduler name (cosine, linear, ...).", resume=MATCH
+    )
+    seed: int = option(42, "Seed of the data order and of torch.", resume=MATCH)
+    beta1: float = option(0.9, "AdamW beta1.", resume=MATCH)
+    beta2: float = option(0.95, "AdamW beta2.", resume=MATCH)
+    eps: float = option(1e-8, "AdamW epsilon.", resume=MATCH)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (applied to every parameter).", resume=MATCH)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).", resume=MATCH)
+    # length: neither flag means run until stopped
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.", resume=FREE)
+    max_epochs: int | None = option(None, "Stop after exactly this many passes over the data.", resume=FREE)
+    # precision
+    train_dtype: str = option("float32", "Dtype of master weights and optimizer state.", resume=MATCH)
+    compute_dtype: str | None = option(
+        None, "Forward/backward dtype. Default: bfloat16 on CUDA, float32 on CPU.", resume=FREE
+    )
+    # model
+    use_liger_kernels: bool = option(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only).", resume=FREE)
+    loss: str = option(
+        "auto",
+        "Cross-entropy: chunked (LM head + loss a chunk of targets at a time, bounded memory), model (the model's own "
+        "forward, logits at target positions only) or liger (Liger's fused linear cross-entropy, CUDA). "
+        "auto: chunked, or model where chunked would not reproduce the model's own logits.",
+        resume=FREE,
+    )
+    compile: bool | None = option(
+        None,
+        "torch.compile each decoder layer (regional, dynamic shapes). Default: on with CUDA, off on CPU.",
+        ("--compile/--no-compile",),
+        resume=FREE,
+    )
+    activation_checkpointing: bool = option(
+        False,
+        "Recompute each decoder layer in backward to save memory.",
+        ("--activation-checkpointing/--no-activation-checkpointing",),
+        resume=FREE,
+    )
+    attn_implementation: str = option(
+        "auto",
+        "auto: on CUDA flash_attention_2 if flash-attn is installed, else leantrain_varlen (torch's varlen "
+        "FlashAttention, bf16/fp16, no soft-capping); else leantrain_per_sequence (causal SDPA per packed sequence, "
+        "any device); the model's own sdpa/eager for models that take no attention functions or attend in chunks, "
+        "and padded batches for models that mix the sequences of a packed row (README). Or any transformers name: "
+        "sdpa, eager, ...",
+        resume=FREE,
+    )
+    # validation
+    validation_data_path: str | None = option(
+        None, "Tokenized JSONL to measure val_loss on (no gradient).", resume=FREE
+    )
+    validation_split: float | None = option(
+        None,
+        "Hold out this fraction of --data-path's samples (chosen by --seed) to measure val_loss on.",
+        resume=MATCH,
+    )
+    validation_frequency: int | None = option(
+        None,
+        "Measure val_loss every this many steps, and at the end. Default: every 10% of a known run length.",
+        resume=FREE,
+    )
+    keep_best_checkpoint: bool = option(
+        False,
+        "Save a checkpoint whenever val_loss improves; pruning never deletes the best one.",
+        ("--keep-best-checkpoint",),
+        resume=FREE,
+    )
+    # experiment trackers (optional packages: pip install -e ".[trackers]")
+    wandb_project: str | None = option(
+        None,
+        "Log every metric to this Weights & Biases project (offline, in output_dir/wandb, without an API key).",
+        resume=FREE,
+    )
+    tensorboard_dir: str | None = option(None, "Write every metric as TensorBoard scalars to this folder.", resume=FREE)
+    # OSFT (osft.py)
+    osft: bool = option(
+        False,
+        "Orthogonal Subspace Fine-Tuning: freeze each target's top singular subspace, train the rest orthogonally.",
+        ("--osft/--no-osft",),
+        resume=MATCH,
+    )
+    osft_unfreeze_rank_ratio: float | None = option(
+        None,
+        "OSFT: fraction r of each target's singular directions that train (0 freezes, 1 = plain fine-tuning).",
+        resume=MATCH,
+    )
+    osft_target_patterns: str | None = option(
+        None,
+        "OSFT: comma-separated fnmatch patterns of Linear module names (e.g. '*.q_proj,*.mlp.*'). Default: the "
+        "attention q/k/v/o and MLP gate/up/down projections.",
+        resume=MATCH,
+    )
+    # checkpoints
+    save_dtype: str | None = option(
+        None,
+        "Dtype of saved HF weights: float32, bfloat16 or float16. Default: the dtype the model was loaded with.",
+        resume=FREE,
+    )
+    min_samples_per_checkpoint: int | None = option(None, "Save a checkpoint every this many samples.", resume=FREE)
+    save_final_checkpoint: bool = option(
+        True,
+        "Save a checkpoint when the run ends.",
+        ("--save-final-checkpoint/--no-save-final-checkpoint",),
+        resume=FREE,
+    )
+    keep_last_checkpoints: int | None = option(None, "Keep only the newest K checkpoints.", resume=FREE)
+    resume: bool = option(
+        False,
+        "Resume from the newest intact checkpoint in --output-dir (damaged ones are skipped with a notice; start "
+        "fresh, with a notice, if there is none). The settings must equal the checkpoint's; the length may grow.",
+        resume=FREE,
+    )
+    resume_from: str | None = option(
+        None, "Resume from this checkpoint folder (output_dir/full_state/samples_N).", resume=FREE
+    )
+    overwrite: bool = option(
+        False,
+        "Start over in an --output-dir that holds a run: delete its training_params.json, metrics, checkpoints and "
+        "tracker folders (nothing else) first.",
+        resume=FREE,
+    )
+
+    def validate(self):
+        """Flag checks that need no model or data: fail before any heavy work."""
+        if self.batch_size < 1:
+            fail(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.max_tokens_per_gpu < 2**31:  # a row's sequence boundaries are int32 (varlen kernels)
+            fail(f"--max-tokens-per-gpu must be in [1, 2**31), got {self.max_tokens_per_gpu}")
+        if self.max_steps is not None and self.max_epochs is not None:
+            fail("--max-steps and --max-epochs conflict: give at most one (neither runs until stopped)")
+        for name in ("max_steps", "max_epochs", "min_samples_per_checkpoint", "keep_last_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:  # every rank holds and packs the whole global batch's indices
+            fail(f"--batch-size must be <= {MAX_BATCH_SIZE}, got {self.batch_size}")
+        for name in ("learning_rate", "max_grad_norm", "weight_decay", "eps", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                fail(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.num_warmup_steps < 0:
+            fail(f"--num-warmup-steps must be >= 0, got {self.num_warmup_steps}")
+        if not 0 <= self.seed < 2**63:
+            fail(f"--seed must be in [0, 2**63), got {self.seed}")
+        dtypes = ("float32", "bfloat16", "float16")
+        for name in ("train_dtype", "compute_dtype", "save_dtype"):
+            if getattr(self, name) not in (None, *dtypes):
+                fail(f"--{name.replace('_', '-')} must be one of {', '.join(dtypes)}, got {getattr(self, name)}")
+        if self.resume and self.resume_from:
+            fail("--resume and --resume-from conflict: give at most one")
+        if self.overwrite and self.resume:
+            fail("--overwrite and --resume conflict: --overwrite deletes the checkpoints --resume would continue")
+        if self.validation_data_path is not None and self.validation_split is not None:
+            fail("--validation-data-path and --validation-split conflict: give at most one")
+        if self.validation_split is not None and not 0 < self.validation_split < 1:
+            fail(f"--validation-split must be a fraction in (0, 1), got {self.validation_split}")
+        if self.validation_frequency is not None and self.validation_frequency < 1:
+            fail(f"--validation-frequency must be >= 1, got {self.validation_frequency}")
+        has_validation = self.validation_data_path is not None or self.validation_split is not None
+        if (self.validation_frequency is not None or self.keep_best_checkpoint) and not has_validation:
+            fail("--validation-frequency and --keep-best-checkpoint need --validation-data-path or --validation-split")
+        for flag, package in (("wandb_project", "wandb"), ("tensorboard_dir", "tensorboard")):
+            if getattr(self, flag) is not None and importlib.util.find_spec(package) is None:
+                fail(f"--{flag.replace('_', '-')} needs the {package} package: pip install -e '.[trackers]'")
+        if self.osft and self.osft_unfreeze_rank_ratio is None:
+            fail("--osft needs --osft-unfreeze-rank-ratio (the fraction of singular directions that train)")
+        if not self.osft and (self.osft_unfreeze_rank_ratio is not None or self.osft_target_patterns is not None):
+            fail("--osft-unfreeze-rank-ratio and --osft-target-patterns need --osft")
+        if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
+            fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
+        if self.loss not in LOSSES:
+            fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
+
+
+def resume_settings(cfg: TrainConfig, identity: dict) -> dict:
+    """What a resume must repeat: the model's and the data's fingerprints, and every MATCH flag."""
+    matched = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.metadata["resume"] == MATCH}
+    return {"model": identity["model"], "data": identity["data"]} | matched
+
+
+# What each MATCH flag was before it existed: an older checkpoint that lacks the setting is compared with it.
+SETTINGS_BEFORE = {f.name: f.metadata["before"] for f in fields(TrainConfig) if f.metadata["resume"] == MATCH}
