@@ -14,7 +14,8 @@ def probe_rows(vocab_size: int):
     row of the first alone, through the real collator."""
     import numpy as np
 
-    from sampler import TokenizedData, collate
+    from dataset import TokenizedData
+    from packing import collate
 
     lengths = PROBE_LENGTHS
     ids = np.random.default_rng(0).integers(0, vocab_size, sum(lengths)).astype(np.int32)

@@ -181,7 +181,7 @@ class LossModel(nn.Module):
     @property
     def packing(self):
         """What this model asks of the sampler's minibatches."""
-        from sampler import Packing
+        from packing import Packing
 
         return Packing(self.padded, self.alone_from)
 

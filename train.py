@@ -112,7 +112,7 @@ def load_data(cfg: TrainConfig, model_config):
     """The training samples and the validation samples (None without validation), checked against the model."""
     import numpy as np
 
-    from sampler import load_tokenized, select_samples
+    from dataset import load_tokenized, select_samples
 
     def load(path):
         return load_tokenized(
@@ -239,7 +239,7 @@ class Run:
     model: Any  # setup_model.LossModel, sharded
     optimizer: Any
     scheduler: Any
-    data: Any  # sampler.TokenizedData
+    data: Any  # dataset.TokenizedData
     sampler: Any
     pad_id: int
     state: Any  # checkpoint.TrainState: counters and sampler position after the last finished step
@@ -253,7 +253,7 @@ def train_steps(run: Run):
     import torch
 
     from batch_metrics import step_metrics
-    from sampler import Prefetcher
+    from packing import Prefetcher
     from utils import all_reduce_sum
     from validation import val_loss_logged, validate
 

@@ -34,7 +34,7 @@ class Validation:
         import torch
 
         import setup_model
-        from sampler import collate
+        from packing import collate
         from utils import all_reduce_sum
 
         timer, device = Timer(), self.dist.device

@@ -112,7 +112,8 @@ def summarize(model_dir, step_lengths, step_times, peak_gb) -> dict:
 
 def leantrain_step_lengths(data: Path, capacity: int) -> list[list[int]]:
     """The samples of each step, replayed from leantrain's own sampler (seed 42, the default)."""
-    from sampler import GlobalSampler, load_tokenized
+    from dataset import load_tokenized
+    from sampler import GlobalSampler
 
     tokenized = load_tokenized(data, capacity)
     sampler = GlobalSampler(len(tokenized), 42)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sampler import minibatch_lower_bound, pack_minibatches  # noqa: E402
+from packing import minibatch_lower_bound
+from sampler import pack_minibatches  # noqa: E402
 
 CAPACITY = 16384
 BATCH_SIZES = [32, 128, 512, 2048, 4096]

@@ -43,7 +43,8 @@ def plain(model_dir: Path, data: Path, steps: int, batch_size: int, result: Path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sampler import GlobalSampler, load_tokenized
+    from dataset import load_tokenized
+    from sampler import GlobalSampler
 
     dataset = load_tokenized(data, 10**9)
     order = GlobalSampler(len(dataset), seed=0)

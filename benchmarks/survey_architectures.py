@@ -30,7 +30,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import setup_model  # noqa: E402
 import tiny_model  # noqa: E402
 import train  # noqa: E402
-from sampler import TokenizedData, collate  # noqa: E402
+from dataset import TokenizedData  # noqa: E402
+from packing import collate  # noqa: E402
 from utils import UserError, destroy_distributed, first_line, init_distributed  # noqa: E402
 
 MAX_PARAMS = 30e6

@@ -135,7 +135,8 @@ def qwen_data(qwen_dir, tmp_path_factory):
 
 
 def packed_loss(model, qwen_data):
-    from sampler import collate, load_tokenized
+    from dataset import load_tokenized
+    from packing import collate
 
     data = load_tokenized(qwen_data, 10_000)
     return model(**collate(data, list(range(5))).inputs("cpu"))
@@ -156,7 +157,8 @@ def per_sample_loss(model_dir, qwen_data, n=5):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from sampler import collate, load_tokenized
+    from dataset import load_tokenized
+    from packing import collate
 
     data = load_tokenized(qwen_data, 10_000)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

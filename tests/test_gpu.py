@@ -11,7 +11,8 @@ import attention
 import setup_model
 import tiny_model
 from conftest import GPU_ENV, ROOT, run_script, tokenize
-from sampler import collate, load_tokenized
+from dataset import load_tokenized
+from packing import collate
 
 BACKENDS = [attention.VARLEN, attention.PER_SEQUENCE] + (
     ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []

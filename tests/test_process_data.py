@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import process_data
 import tiny_model
 from conftest import ROOT, run_script, tokenize
+from dataset import load_tokenized
 from documents import EXAMPLE_CHARS
-from sampler import load_tokenized
 
 SYS = {"role": "system", "content": "You are terse."}
 U1 = {"role": "user", "content": "hello there, how are you?"}

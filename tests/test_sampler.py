@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import sampler
+import packing
 from conftest import dense_targets
-from sampler import IGNORE, GlobalSampler, collate, load_tokenized, minibatch_lower_bound, pack_minibatches
+from dataset import IGNORE, load_tokenized
+from packing import collate, minibatch_lower_bound, pack_minibatches
+from sampler import GlobalSampler
 from utils import UserError
 
 
@@ -280,12 +282,12 @@ def test_samples_past_the_packings_switch_get_a_minibatch_to_themselves(tmp_path
     data = load_tokenized(write_rows(tmp_path / "d.jsonl", rows), 100)
     assert data.spans.tolist() == [5, 30, 4, 6, 3, 41]
     for ranks in (1, 2):
-        plan = sampler.Packing(alone_from=20).plan(data, np.arange(6), 64, ranks)
+        plan = packing.Packing(alone_from=20).plan(data, np.arange(6), 64, ranks)
         cells = [mb for r in plan for mb in r]
         assert sorted(i for mb in cells for i in mb) == list(range(6))
         assert [1] in cells and [5] in cells
         assert len(plan[0]) == (3 if ranks == 1 else 2)
-    assert sampler.Packing().plan(data, np.arange(6), 64, 1) == [[[1, 3, 5, 0, 2, 4]]]
+    assert packing.Packing().plan(data, np.arange(6), 64, 1) == [[[1, 3, 5, 0, 2, 4]]]
     assert pack_minibatches([5, 30, 4], 64, 1, alone=np.array([False, True, False])) == [[[1], [0, 2]]]
 
 
@@ -293,7 +295,7 @@ def test_best_fit_avoids_an_extra_minibatch():
     """LPT alone fails [9, 9, 6, 5, 4, 3, 2] in 4 bins of 10 (it spreads 6, 5, 4 over the emptiest bins and
     strands the 3); best fit finds 9 | 9 | 6+4 | 5+3+2, so one minibatch on 4 ranks suffices."""
     lengths = np.array([9, 9, 6, 5, 4, 3, 2])
-    assert not sampler._lpt(lengths, 4, 10)[2]
+    assert not packing._lpt(lengths, 4, 10)[2]
     plan = pack_minibatches(lengths, 10, 4)
     assert check_plan(plan, lengths, 10, 4) == 1
 
@@ -337,8 +339,8 @@ def test_prefetcher_matches_direct_computation_and_surfaces_errors(tmp_path):
     data = load_tokenized(write_rows(tmp_path / "d.jsonl", random_rows(40)), 100)
     direct_sampler, pre_sampler = GlobalSampler(len(data), 3), GlobalSampler(len(data), 3)
     sizes = [8, 8, 8, 5]
-    direct = [sampler.make_step_batch(data, direct_sampler, n, 120, 1, 2, 0) for n in sizes]
-    fetched = list(sampler.Prefetcher(data, pre_sampler, iter(sizes), 120, 1, 2, 0))
+    direct = [packing.make_step_batch(data, direct_sampler, n, 120, 1, 2, 0) for n in sizes]
+    fetched = list(packing.Prefetcher(data, pre_sampler, iter(sizes), 120, 1, 2, 0))
     assert len(fetched) == 4
     for a, b in zip(direct, fetched):
         assert a.sampler_state == b.sampler_state and a.num_loss_tokens == b.num_loss_tokens
@@ -351,14 +353,14 @@ def test_prefetcher_matches_direct_computation_and_surfaces_errors(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        list(sampler.Prefetcher(data, GlobalSampler(len(data), 3), bad_sizes(), 120, 0, 1))
+        list(packing.Prefetcher(data, GlobalSampler(len(data), 3), bad_sizes(), 120, 0, 1))
 
 
 def test_a_prefetcher_the_loop_stopped_reading_ends_at_once(tmp_path):
     """The loop leaves early (a preemption save, an error) with the queue full: the thread must not stay blocked on
     its last item, or close() waits its 5 s timeout and leaves the thread running into interpreter teardown."""
     data = load_tokenized(write_rows(tmp_path / "d.jsonl", random_rows(40)), 100)
-    fetcher = sampler.Prefetcher(data, GlobalSampler(len(data), 3), iter([4]), 120, 0, 1, depth=1)
+    fetcher = packing.Prefetcher(data, GlobalSampler(len(data), 3), iter([4]), 120, 0, 1, depth=1)
     while not fetcher._queue.full():  # its one step is queued; the end of the stream waits behind it
         time.sleep(0.01)
     fetcher.close()

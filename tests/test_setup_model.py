@@ -114,7 +114,8 @@ def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, l
     collator's host copy of the boundaries (a real CPU tensor, as on CUDA) may be read."""
     from transformers import AutoModelForCausalLM
 
-    from sampler import collate, load_tokenized
+    from dataset import load_tokenized
+    from packing import collate
 
     register_attention()
     lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation=attention).to("meta")
@@ -138,7 +139,8 @@ def test_compiled_layers_compile_once_for_every_length(qwen_dir, qwen_data, dist
 
     import torch._dynamo
 
-    from sampler import collate, load_tokenized
+    from dataset import load_tokenized
+    from packing import collate
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
@@ -204,7 +206,8 @@ def test_longrope_samples_past_the_switch_get_a_minibatch_to_themselves(tmp_path
     past the switch train alone, and the loss equals separate per-sample forwards."""
     import numpy as np
 
-    from sampler import collate, load_tokenized
+    from dataset import load_tokenized
+    from packing import collate
 
     half = 16  # head_dim 32: 16 frequencies
     rope = dict(rope_type="longrope", short_factor=[1.0] * half, long_factor=[1.0 + i for i in range(half)])

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 import setup_model
 import tiny_model
 from conftest import ROOT, cpu_env, dense_targets, free_port, run_script, tokenized_conversations, torchrun
-from sampler import GlobalSampler, collate, load_tokenized
+from dataset import load_tokenized
+from packing import collate
+from sampler import GlobalSampler
 from utils import UserError
 
 CAP_SMALL = 256  # tokens per minibatch: forces several minibatches per step
