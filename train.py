@@ -161,9 +161,11 @@ def take_optimizer_step(optimizer, scheduler) -> float:
     return lr
 
 
-def train(cfg: TrainConfig):
+def train(cfg: TrainConfig) -> str:
     """Check the flags, start the process group, train, stop the process group. The Python API: a bad flag, path
-    or file raises utils.UserError; the output-folder lock and the process group are released on any exit."""
+    or file raises utils.UserError; the output-folder lock and the process group are released on any exit.
+    Returns how the run ended: "finished" (its length reached, or none set and the data ran out) or
+    "saved-on-signal" (SIGTERM/SIGUSR1: checkpoint saved, more to do)."""
     import run_folder
     import setup_model
     from utils import check_can_create, destroy_distributed, init_distributed
@@ -175,13 +177,13 @@ def train(cfg: TrainConfig):
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
     dist = init_distributed()
     try:
-        run_training(cfg, dist, model_config)
+        return run_training(cfg, dist, model_config)
     finally:
         destroy_distributed()
 
 
-def run_training(cfg: TrainConfig, dist, model_config):
-    """The whole run inside a started process group (tests train several models in one)."""
+def run_training(cfg: TrainConfig, dist, model_config) -> str:
+    """The whole run inside a started process group (tests train several models in one); how it ended (train())."""
     import torch
 
     import checkpoint
@@ -248,7 +250,7 @@ class Run:
     metrics: Any  # batch_metrics.MetricsLog
 
 
-def train_steps(run: Run):
+def train_steps(run: Run) -> str:
     """The loop: sample -> pack -> forward -> scale -> backward -> step -> log -> maybe validate -> maybe save."""
     import torch
 
@@ -315,6 +317,7 @@ def train_steps(run: Run):
     if state.step == start_step:
         log(f"nothing to do: the run already reached step {state.step}")
     log(f"done: {state.step} steps, {state.samples_seen} samples, {state.tokens_seen} tokens")
+    return "saved-on-signal" if preempted else "finished"
 
 
 def launch(cfg: TrainConfig, nproc_per_node: int, torchrun_args: tuple[str, ...] = ("--standalone",), on_output=None):
