@@ -40,8 +40,15 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def step_metrics(*, step, batch, lr, loss, grad_norm, time_per_step, state, device) -> dict:
-    return {
+LOSS_QUANTILES = (10, 50, 90)  # --log-loss-quantiles: loss_p10, loss_p50, loss_p90
+
+
+def step_metrics(
+    *, step, batch, lr, loss, grad_norm, time_per_step, state, device, sample_losses=None, sample_targets=None
+) -> dict:
+    """One step's row. With `sample_losses` (each sample's summed loss, batch order) and `sample_targets` (its
+    target count): the quantiles of the samples' per-token losses, what a sampler that learns from losses sees."""
+    row = {
         "step": step,
         "epoch": batch.epoch,
         "lr": lr,
@@ -59,6 +66,13 @@ def step_metrics(*, step, batch, lr, loss, grad_norm, time_per_step, state, devi
         "peak_memory_gb": peak_memory_gb(device),
         "timestamp": time.time(),
     }
+    if sample_losses is not None:
+        import numpy as np
+
+        counted = sample_targets > 0
+        per_token = sample_losses[counted] / sample_targets[counted]
+        row |= {f"loss_p{q}": float(v) for q, v in zip(LOSS_QUANTILES, np.percentile(per_token, LOSS_QUANTILES))}
+    return row
 
 
 class MetricsLog:

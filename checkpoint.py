@@ -69,9 +69,11 @@ class TrainState:
     sampler: dict = field(default_factory=dict)
 
     @classmethod
-    def checked(cls, state: dict, check_sampler) -> "TrainState":
+    def checked(cls, state: dict) -> "TrainState":
         """The state as saved, its meaning checked (ValueError says what is wrong): these counters here, the
-        sampler's position by the sampler (`check_sampler`), which alone knows its fields."""
+        sampler's state by the sampler that wrote it, which alone knows its fields."""
+        import sampler
+
         names = [f.name for f in fields(cls)]
         if not isinstance(state, dict) or sorted(state) != sorted(names):
             raise ValueError(f"state fields {sorted(state) if isinstance(state, dict) else state!r}, expected {names}")
@@ -80,7 +82,7 @@ class TrainState:
                 raise ValueError(f"{name} {state[name]!r} is not a count")
         if not isinstance(state["sampler"], dict):
             raise ValueError("the sampler's state is not a JSON object")
-        check_sampler(state["sampler"])
+        sampler.check_state(state["sampler"])
         return cls(**state)
 
     def advance(self, batch):
@@ -133,19 +135,15 @@ def remove_partial_saves(output_dir: Path):
             shutil.rmtree(tmp)
 
 
-def find_resume_state(cfg, output_dir: Path, dist, check_sampler) -> tuple[Path, dict] | None:
+def find_resume_state(cfg, output_dir: Path, dist) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its trainer state: --resume-from as given (refused if damaged), or with
     --resume the newest intact one in output_dir (damaged ones are reported and skipped, never all of them)."""
-
-    def check_state(state):
-        return TrainState.checked(state, check_sampler)
-
     if cfg.resume_from:
         path = Path(cfg.resume_from)
         if path.is_file():
             fail(f"--resume-from {path}: a file; give a checkpoint folder ({STATE_DIR}/samples_N)")
         try:
-            return path, verify(path, STATE_DIR, dist, check_state)
+            return path, verify(path, STATE_DIR, dist, TrainState.checked)
         except Damaged as e:
             fail(f"--resume-from {path}: damaged or not a complete training state: {e}")
     if not cfg.resume:
@@ -156,7 +154,7 @@ def find_resume_state(cfg, output_dir: Path, dist, check_sampler) -> tuple[Path,
         return None
     for _, path in reversed(found):
         try:
-            return path, verify(path, STATE_DIR, dist, check_state)
+            return path, verify(path, STATE_DIR, dist, TrainState.checked)
         except Damaged as e:
             log(f"warning: skipping damaged checkpoint {path}: {e}")
     fail(
@@ -165,9 +163,9 @@ def find_resume_state(cfg, output_dir: Path, dist, check_sampler) -> tuple[Path,
     )
 
 
-def resume_state(cfg, output_dir: Path, dist, check_sampler, settings: dict, before: dict) -> tuple[Path, dict] | None:
+def resume_state(cfg, output_dir: Path, dist, settings: dict, before: dict) -> tuple[Path, dict] | None:
     """find_resume_state's checkpoint, once check_resumable has accepted its settings for this run."""
-    found = find_resume_state(cfg, output_dir, dist, check_sampler)
+    found = find_resume_state(cfg, output_dir, dist)
     if found:
         check_resumable(*found, settings, before)
     return found

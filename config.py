@@ -91,6 +91,25 @@ class TrainConfig:
         "sdpa, eager, ...",
         resume=FREE,
     )
+    # sampling (sampler.py)
+    sampler: str = option(
+        "uniform",
+        "Which samples each step draws: uniform (a seeded permutation per epoch) or loss-aware (sample i with "
+        "probability ~ its last per-token loss ** --loss-aware-power, mixed with --loss-aware-uniform).",
+        resume=MATCH,
+    )
+    loss_aware_power: float = option(
+        1.0, "loss-aware: the power of each sample's last per-token loss (0: uniform).", resume=MATCH
+    )
+    loss_aware_uniform: float = option(
+        0.1, "loss-aware: the share of every draw's probability spread uniformly (in [0, 1]).", resume=MATCH
+    )
+    log_loss_quantiles: bool = option(
+        False,
+        "Log the step's per-sample loss distribution: loss_p10, loss_p50, loss_p90 of the samples' per-token losses.",
+        ("--log-loss-quantiles",),
+        resume=FREE,
+    )
     # validation
     validation_data_path: str | None = option(
         None, "Tokenized JSONL to measure val_loss on (no gradient).", resume=FREE
@@ -217,6 +236,14 @@ class TrainConfig:
             fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.loss not in LOSSES:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
+        from sampler import SAMPLERS  # here, not at import: --help stays fast
+
+        if self.sampler not in SAMPLERS:
+            fail(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler}")
+        if not (math.isfinite(self.loss_aware_power) and self.loss_aware_power >= 0):
+            fail(f"--loss-aware-power must be a finite number >= 0, got {self.loss_aware_power}")
+        if not 0 <= self.loss_aware_uniform <= 1:
+            fail(f"--loss-aware-uniform must be in [0, 1], got {self.loss_aware_uniform}")
 
 
 def resume_settings(cfg: TrainConfig, identity: dict) -> dict:

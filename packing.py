@@ -137,6 +137,7 @@ class Minibatch:
     cu_seq_lens: "object"  # torch.IntTensor [num_sequences + 1]: sequence boundaries, for varlen attention
     max_length: int  # longest sequence in the row
     num_tokens: int  # real tokens (0 for an empty minibatch, whose row is one dummy token)
+    target_sample: "object"  # torch.LongTensor [K]: each target's sample, as its position in the step's batch
 
     @property
     def num_loss_tokens(self) -> int:
@@ -156,13 +157,15 @@ class Minibatch:
         )
 
 
-def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> Minibatch:
+def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0, positions=None) -> Minibatch:
+    """The row of samples `indices`; `positions`: where each stands in the step's global batch (default 0, 1, ...),
+    which each target's `target_sample` names (the loop sums per-sample losses by it)."""
     import torch
 
     if not indices:  # an empty minibatch still runs forward/backward so FSDP's collectives line up
         one = torch.tensor([[pad_token_id]])
         none = torch.zeros(0, dtype=torch.long)
-        return Minibatch(one, torch.zeros_like(one), none, none, torch.tensor([0, 1], dtype=torch.int32), 1, 0)
+        return Minibatch(one, torch.zeros_like(one), none, none, torch.tensor([0, 1], dtype=torch.int32), 1, 0, none)
     idx = np.asarray(indices, dtype=np.int64)
     starts, ends = data.offsets[idx], data.offsets[idx + 1]
     lengths = ends - starts
@@ -175,6 +178,8 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
     # Position t predicts t + 1 only inside one sequence, and only where t + 1 is labelled.
     target_index = np.flatnonzero(~seq_start[1:] & (labels[1:] != IGNORE))
     cu = np.concatenate([np.flatnonzero(seq_start), [len(input_ids)]]).astype(np.int32)
+    positions = np.arange(len(idx)) if positions is None else np.asarray(positions, dtype=np.int64)
+    sample_of_token = np.repeat(positions, lengths)  # a target's sample is its predicting token's
     return Minibatch(
         input_ids=torch.from_numpy(input_ids.astype(np.int64)).unsqueeze(0),
         position_ids=torch.from_numpy(position_ids.astype(np.int64)).unsqueeze(0),
@@ -183,6 +188,7 @@ def collate(data: TokenizedData, indices: list[int], pad_token_id: int = 0) -> M
         cu_seq_lens=torch.from_numpy(cu),
         max_length=int(np.diff(cu).max()),
         num_tokens=len(input_ids),
+        target_sample=torch.from_numpy(sample_of_token[target_index].astype(np.int64)),
     )
 
 
@@ -200,7 +206,8 @@ class StepBatch:
     num_loss_tokens: int  # over the whole global batch: the loss denominator
     num_tokens: int  # real tokens over the whole global batch
     epoch: int  # epoch in which the batch starts
-    sampler_state: dict  # the sampler's position after this batch (what a checkpoint saves)
+    sampler_state: dict  # the sampler's state after drawing this batch (a sampler that observes: after observing)
+    indices: np.ndarray  # the global batch's samples, in batch order (per-sample losses follow it)
 
 
 @dataclass(frozen=True)
@@ -224,18 +231,23 @@ def make_step_batch(data, sampler, count, capacity, rank, world_size, pad_token_
     indices = sampler.next_indices(count)
     plan = packing.plan(data, indices, capacity, world_size)
     return StepBatch(
-        minibatches=[collate(data, indices[mb].tolist(), pad_token_id) for mb in plan[rank]],
+        minibatches=[collate(data, indices[mb].tolist(), pad_token_id, positions=mb) for mb in plan[rank]],
         num_samples=len(indices),
         num_loss_tokens=int(data.num_loss_counted_tokens[indices].sum()),
         num_tokens=int(data.lengths[indices].sum()),
         epoch=epoch,
         sampler_state=sampler.state_dict(),
+        indices=indices,
     )
 
 
 class Prefetcher:
     """Prepares step n+1 in a background thread while step n computes. `batch_sizes` yields the number of
-    samples of each step (a shorter last one ends an exact number of epochs); the stream ends with it."""
+    samples of each step (a shorter last one ends an exact number of epochs); the stream ends with it.
+
+    A sampler that observes (sampler.py) draws step n+1 from what step n showed it: its step n+1 is prepared only
+    once the loop calls `observed()` after step n (so the draw never depends on thread timing); packing and
+    collating still overlap nothing then, but the draw is exact."""
 
     def __init__(
         self, data, sampler, batch_sizes, capacity, rank, world_size, pad_token_id=0, packing=Packing(), depth=2
@@ -244,16 +256,31 @@ class Prefetcher:
         args = (capacity, rank, world_size, pad_token_id, packing)
         self._thread = threading.Thread(target=self._produce, args=(data, sampler, batch_sizes, args), daemon=True)
         self._stop = False
+        self._observed = threading.Semaphore(0) if getattr(sampler, "observes", False) else None
         self._thread.start()
 
     def _produce(self, data, sampler, batch_sizes, args):
         try:
-            for count in batch_sizes:
+            for i, count in enumerate(batch_sizes):
+                if i and self._observed is not None and not self._wait_observed():
+                    return
                 if not self._put(make_step_batch(data, sampler, count, *args)):
                     return
             self._put(None)
         except BaseException as e:  # surfaced in the training thread
             self._put(e)
+
+    def _wait_observed(self) -> bool:
+        """Wait until the loop has shown the sampler the last step, unless it stopped taking steps: False then."""
+        while not self._stop:
+            if self._observed.acquire(timeout=0.1):
+                return True
+        return False
+
+    def observed(self):
+        """The loop has passed the last step's losses to the sampler: the next step may be drawn."""
+        if self._observed is not None:
+            self._observed.release()
 
     def _put(self, item) -> bool:
         """Queue `item` unless the loop stopped taking them (a preemption, an error): False then."""

@@ -11,6 +11,7 @@ import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +62,19 @@ class LogitTransform:
 
 
 def cross_entropy_and_grad(logits, targets, scale: float, softcap: float | None):
-    """Summed cross-entropy of transform(logits) and its gradient w.r.t. logits, written out by hand so that, once
-    compiled, reading the logits and writing their gradient is one fused pass (autograd takes ~6 fp32 passes)."""
+    """Cross-entropy of transform(logits), one per row, and the gradient of their sum w.r.t. logits, written out by
+    hand so that, once compiled, reading the logits and writing their gradient is one fused pass (autograd takes
+    ~6 fp32 passes)."""
     z = logits.float() * scale
     if softcap:
         capped = torch.tanh(z / softcap)
         z = softcap * capped
     lse = torch.logsumexp(z, dim=-1)
-    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    losses = lse - z.gather(1, targets[:, None]).squeeze(1)
     grad = torch.exp(z - lse[:, None])
     grad = torch.where(torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None], grad - 1.0, grad)
     grad = grad * (scale * (1.0 - capped * capped)) if softcap else grad * scale
-    return loss, grad.to(logits.dtype)
+    return losses, grad.to(logits.dtype)
 
 
 @functools.cache
@@ -82,9 +84,9 @@ def compiled_cross_entropy_and_grad():
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(transform(hidden @ weight.T + bias), targets)), a chunk of rows at a time. Each chunk's
-    gradients are computed right after its loss, in forward, so at most one chunk's logits and their gradient
-    exist at once; backward only scales the stored gradients."""
+    """cross_entropy(transform(hidden @ weight.T + bias), targets): (their sum, differentiable; each row's, not),
+    a chunk of rows at a time. Each chunk's gradients are computed right after its loss, in forward, so at most one
+    chunk's logits and their gradient exist at once; backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform, chunk_rows, compiled):
@@ -92,47 +94,62 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        per_target = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
-            loss, grad = ce_and_grad(F.linear(h, weight, bias), targets[start : start + chunk_rows], *transform)
+            losses, grad = ce_and_grad(F.linear(h, weight, bias), targets[start : start + chunk_rows], *transform)
+            per_target[start : start + chunk_rows] = losses
             grad_hidden[start : start + chunk_rows] = grad @ weight
             grad_weight += (grad.t() @ h).float()
             if bias is not None:
                 grad_bias += grad.float().sum(0)
-            total += loss
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total
+        ctx.mark_non_differentiable(per_target)
+        return per_target.sum(), per_target
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         grad_bias = (grad_bias * grad_total).to(bias_dtype) if grad_bias is not None else None
         return grad_hidden * grad_total, (grad_weight * grad_total).to(weight_dtype), grad_bias, None, None, None, None
 
 
-def chunked_loss_sum(hidden, head, targets, transform, compiled=False):
+class Losses(NamedTuple):
+    """A minibatch's loss: `total`, the summed cross-entropy the loop backpropagates, and `per_target`, each
+    target's (detached; None where the loss path does not expose them: Liger's fused kernel)."""
+
+    total: torch.Tensor
+    per_target: torch.Tensor | None
+
+
+def chunked_losses(hidden, head, targets, transform, compiled=False) -> Losses:
     chunk_rows = max(1, CHUNK_LOGITS // head.weight.shape[0])
     if not torch.is_grad_enabled():  # validation: the loss alone, still a chunk at a time (no gradient work)
         chunks = zip(hidden.split(chunk_rows), targets.split(chunk_rows))
-        zero = torch.zeros((), device=hidden.device)
-        return sum((F.cross_entropy(transform(head(h)).float(), t, reduction="sum") for h, t in chunks), zero)
-    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows, compiled)
+        parts = [F.cross_entropy(transform(head(h)).float(), t, reduction="none") for h, t in chunks]
+        per_target = torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+        return Losses(per_target.sum(), per_target)
+    return Losses(
+        *ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_rows, compiled)
+    )
 
 
-def liger_loss_sum(hidden, head, targets, transform, compiled=False):
+def liger_losses(hidden, head, targets, transform, compiled=False) -> Losses:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     if targets.numel() == 0:  # an empty minibatch (known on the host): zero, but still through the graph
-        return hidden.sum() * 0.0
+        return Losses(hidden.sum() * 0.0, None)
     bias = head.bias * transform.scale if head.bias is not None else None
     fused = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=transform.softcap)
-    return fused(head.weight, hidden * transform.scale if transform.scale != 1.0 else hidden, targets, bias)
+    return Losses(
+        fused(head.weight, hidden * transform.scale if transform.scale != 1.0 else hidden, targets, bias), None
+    )
 
 
-HEAD_LOSSES = {"chunked": chunked_loss_sum, "liger": liger_loss_sum}
+HEAD_LOSSES = {"chunked": chunked_losses, "liger": liger_losses}
+PER_TARGET_LOSSES = {"chunked", "model"}  # the loss paths that give each target's loss (Losses.per_target)
 
 
 def body(lm: nn.Module) -> nn.Module:
@@ -166,7 +183,7 @@ def padded_batch(input_ids, position_ids, cu_seq_lens_host, max_length: int):
 
 
 class LossModel(nn.Module):
-    """The causal LM plus its loss: forward(one minibatch's tensors) -> summed cross-entropy over its targets.
+    """The causal LM plus its loss: forward(one minibatch's tensors) -> Losses (summed and per-target cross-entropy).
     `padded`: run the row's sequences as a padded batch instead of one packed row (exact for models that mix the
     sequences of a packed row, and slower). `own_positions`: give the model no position_ids, so that it numbers
     positions its own way (RoBERTa-style models count from padding_idx + 1; with `padded`, each sequence from its
@@ -219,7 +236,8 @@ class LossModel(nn.Module):
             if target_ids is None:
                 hidden = at_targets(body(self.lm)(**inputs).last_hidden_state)
                 return logits, self.transform(self.lm.get_output_embeddings()(hidden).float())
-            return F.cross_entropy(logits.float(), target_ids, reduction="sum")
+            per_target = F.cross_entropy(logits.float(), target_ids, reduction="none")
+            return Losses(per_target.sum(), per_target.detach())
         hidden = at_targets(body(self.lm)(**inputs).last_hidden_state)
         return HEAD_LOSSES[self.loss](
             hidden, self.lm.get_output_embeddings(), target_ids, self.transform, self.compiled

@@ -69,7 +69,7 @@ def find_start(cfg, output_dir: Path, dist, sampler, settings: dict, num_samples
     length in steps from there, which must reach the checkpoint's step."""
     import checkpoint
 
-    found = checkpoint.resume_state(cfg, output_dir, dist, sampler.check_state, settings, SETTINGS_BEFORE)
+    found = checkpoint.resume_state(cfg, output_dir, dist, settings, SETTINGS_BEFORE)
     state = found[1]["state"] if found else {"step": 0, "samples_seen": 0}
     num_steps = total_steps(cfg, num_samples, state["step"], state["samples_seen"])
     if found and cfg.max_epochs is not None and state["samples_seen"] > cfg.max_epochs * num_samples:
@@ -190,7 +190,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     import run_folder
     import setup_model
     from batch_metrics import MetricsLog, tracking
-    from sampler import GlobalSampler
+    from sampler import build_sampler
     from validation import Validation
 
     cfg.compute_dtype = cfg.compute_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
@@ -202,7 +202,13 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
-    sampler = GlobalSampler(len(data), cfg.seed)
+    sampler = build_sampler(cfg, len(data))
+    # Per-sample losses: what a sampler that observes sees, and what the loss quantiles are made of.
+    per_sample = sampler.observes or cfg.log_loss_quantiles
+    if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES:
+        fail(
+            f"--sampler {cfg.sampler} / --log-loss-quantiles need per-sample losses, which --loss {cfg.loss} does not give"
+        )
     settings = resume_settings(cfg, checkpoint.run_identity(model_config, data))
     pad_id = model_config.pad_token_id or 0
     log(
@@ -228,7 +234,21 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
             MetricsLog(out.path, dist.is_main, num_steps, trackers) as metrics,  # its progress bar stops on any exit
         ):
             train_steps(
-                Run(cfg, dist, model, optimizer, scheduler, data, sampler, pad_id, state, saver, validation, metrics)
+                Run(
+                    cfg,
+                    dist,
+                    model,
+                    optimizer,
+                    scheduler,
+                    data,
+                    sampler,
+                    per_sample,
+                    pad_id,
+                    state,
+                    saver,
+                    validation,
+                    metrics,
+                )  # fmt: skip
             )
 
 
@@ -242,7 +262,8 @@ class Run:
     optimizer: Any
     scheduler: Any
     data: Any  # dataset.TokenizedData
-    sampler: Any
+    sampler: Any  # sampler.py's interface
+    per_sample: bool  # sum each sample's loss in the step (for a sampler that observes, or the loss quantiles)
     pad_id: int
     state: Any  # checkpoint.TrainState: counters and sampler position after the last finished step
     saver: Any  # checkpoint.Saver
@@ -276,16 +297,26 @@ def train_steps(run: Run) -> str:
         step_timer = Timer()
         for batch in steps:  # sampled, packed and collated one step ahead, in a background thread
             step = state.step + 1
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+            # [the step's summed loss, then each sample's (in batch order) when asked for], summed over ranks below
+            sums = torch.zeros(1 + batch.num_samples * run.per_sample, dtype=torch.float64, device=dist.device)
             for mb in batch.minibatches:
-                loss = model(**mb.inputs(dist.device))
+                losses = model(**mb.inputs(dist.device))
                 # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
-                (loss * dist.world_size / batch.num_loss_tokens).backward()
-                loss_sum += loss.detach()
+                (losses.total * dist.world_size / batch.num_loss_tokens).backward()
+                sums[0] += losses.total.detach()
+                if run.per_sample:  # each target's loss onto its sample, on the device: no host sync
+                    sums[1:].index_add_(0, mb.target_sample.to(dist.device), losses.per_target.double())
             grad_norm = clip_gradients(model, cfg.max_grad_norm)
-            loss = all_reduce_sum([loss_sum.item()], dist.device)[0] / batch.num_loss_tokens
+            sums = all_reduce_sum(sums)  # the step's one collective, per-sample losses included
+            loss = float(sums[0]) / batch.num_loss_tokens
             check_finite(step, loss, grad_norm)  # loss and norm are global: every rank decides alike
             lr = take_optimizer_step(optimizer, run.scheduler)
+            sample_losses = sums[1:] if run.per_sample else None  # each sample's summed loss, batch order
+            sample_targets = run.data.num_loss_counted_tokens[batch.indices]  # each sample's target count
+            if run.sampler.observes:  # it sees the step before drawing the next (the prefetcher waits for it)
+                run.sampler.observe(batch.indices, sample_losses, sample_targets)
+                batch.sampler_state = run.sampler.state_dict()
+                steps.observed()
             state.advance(batch)
             metrics.write(
                 step_metrics(
@@ -297,6 +328,8 @@ def train_steps(run: Run) -> str:
                     time_per_step=step_timer.elapsed(),
                     state=state,
                     device=dist.device,
+                    sample_losses=sample_losses if cfg.log_loss_quantiles else None,
+                    sample_targets=sample_targets,
                 )
             )
             if validation.due(state.step):

@@ -173,13 +173,10 @@ def init_distributed():
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few float64 scalars over ranks (loss sums and counters), returned as Python floats."""
-    import torch
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    all_reduce_sum_(t)
-    return t.tolist()
+def all_reduce_sum(tensor):
+    """Sum a float64 tensor over ranks (loss sums and counters); returns it as a numpy array on the host."""
+    all_reduce_sum_(tensor)
+    return tensor.cpu().numpy()
 
 
 def all_reduce_sum_(tensor):

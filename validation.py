@@ -42,11 +42,11 @@ class Validation:
         model.eval()
         with torch.no_grad():
             for indices in self.plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
-                loss_sum += model(**collate(self.data, indices, self.pad_id).inputs(device))
+                loss_sum += model(**collate(self.data, indices, self.pad_id).inputs(device)).total
         model.train()
         setup_model.reshard(model)  # a no-grad forward leaves FSDP's root gathered: the optimizer needs the shards
         num_tokens = int(self.data.num_loss_counted_tokens.sum())
-        val_loss = all_reduce_sum([loss_sum.item()], device)[0] / num_tokens
+        val_loss = float(all_reduce_sum(loss_sum[None])[0]) / num_tokens
         self.last_step = step
         return {
             "step": step,

@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import integrity  # noqa: E402
 import tiny_model  # noqa: E402
-from sampler import GlobalSampler  # noqa: E402
 from utils import Dist  # noqa: E402
 
 app = typer.Typer(add_completion=False)
@@ -57,8 +56,7 @@ def main(hidden: int = 768, layers: int = 12, intermediate: int = 2048):
         }
         start = time.perf_counter()
         for kind in (integrity.STATE_DIR, integrity.HF_DIR):
-            check = lambda state: checkpoint.TrainState.checked(state, GlobalSampler.check_state)  # noqa: E731
-            integrity.verify(out / kind / "samples_4", kind, Dist(0, 0, 1, None), check)
+            integrity.verify(out / kind / "samples_4", kind, Dist(0, 0, 1, None), checkpoint.TrainState.checked)
         verify_s = time.perf_counter() - start
         params = sum(
             p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters()

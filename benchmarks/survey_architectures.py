@@ -83,7 +83,7 @@ def survey(model_type: str, dist, folder: Path) -> str:
         model = setup_model.setup_model(cfg, dist, setup_model.check_model_path(str(folder)))
     model.eval()
     with torch.no_grad():
-        packed = model(**collate(data, list(range(len(data.offsets) - 1))).inputs("cpu")).item()
+        packed = model(**collate(data, list(range(len(data.offsets) - 1))).inputs("cpu")).total.item()
     how = "padded batch" if model.padded else "packed row"
     return f"{cfg.attn_implementation:24} {cfg.loss:8} {how:12} {packed / reference - 1:+.1e}"
 

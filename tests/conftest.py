@@ -139,7 +139,7 @@ def packed_loss(model, qwen_data):
     from packing import collate
 
     data = load_tokenized(qwen_data, 10_000)
-    return model(**collate(data, list(range(5))).inputs("cpu"))
+    return model(**collate(data, list(range(5))).inputs("cpu")).total
 
 
 def save_arch(tmp_path, model_type, **overrides):

@@ -23,7 +23,6 @@ import integrity
 import run_folder
 import tiny_model
 from conftest import ROOT, cpu_env, tokenized_conversations
-from sampler import GlobalSampler
 from test_train import CAP_SMALL
 from utils import Dist, UserError
 
@@ -204,9 +203,7 @@ def test_a_forged_trainer_state_is_damaged_not_obeyed(trained, tmp_path, forge):
     forge(meta)
     (folder / "trainer_state.json").write_text(json.dumps(meta))
     with pytest.raises(integrity.Damaged, match=r"trainer_state.json: "):
-        integrity.read_trainer_state(
-            folder, lambda state: checkpoint.TrainState.checked(state, GlobalSampler.check_state)
-        )
+        integrity.read_trainer_state(folder, checkpoint.TrainState.checked)
 
 
 def test_all_damaged_refuses_and_a_damaged_resume_from_is_refused(run, qwen_dir, data_path, run_dir):

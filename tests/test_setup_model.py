@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import setup_model
 from attention import PER_SEQUENCE, register_attention
 from conftest import packed_loss, per_sample_loss, save_arch, setup
-from setup_model import LogitTransform, chunked_loss_sum, cross_entropy_and_grad
+from setup_model import LogitTransform, chunked_losses, cross_entropy_and_grad
 
 
 def plain_loss(hidden, head, targets, transform):
@@ -23,7 +23,8 @@ def plain_loss(hidden, head, targets, transform):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])
 def test_chunked_loss_equals_plain_cross_entropy(transform, bias, rows, monkeypatch):
-    """Loss and gradients of hidden, weight and bias, over several chunks (7 rows each), fp32."""
+    """Loss, each target's loss, and gradients of hidden, weight and bias, over several chunks (7 rows each), fp32;
+    with and without gradients (validation)."""
     monkeypatch.setattr(setup_model, "CHUNK_LOGITS", 7 * 50)
     torch.manual_seed(rows)
     head = torch.nn.Linear(16, 50, bias=bias)
@@ -31,7 +32,7 @@ def test_chunked_loss_equals_plain_cross_entropy(transform, bias, rows, monkeypa
     hidden = torch.randn(rows, 16, requires_grad=True)
     targets = torch.randint(0, 50, (rows,))
     results = []
-    for fn in (plain_loss, chunked_loss_sum):
+    for fn in (plain_loss, lambda *args: chunked_losses(*args).total):
         head.zero_grad()
         hidden.grad = None
         loss = fn(hidden, head, targets, transform)
@@ -42,17 +43,23 @@ def test_chunked_loss_equals_plain_cross_entropy(transform, bias, rows, monkeypa
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+    each = F.cross_entropy(transform(head(hidden).float()), targets, reduction="none").detach()
+    assert torch.allclose(chunked_losses(hidden, head, targets, transform).per_target, each, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        no_grad = chunked_losses(hidden, head, targets, transform)
+    assert torch.allclose(no_grad.per_target, each, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(no_grad.total, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cross_entropy_and_grad_keeps_dtype_and_matches_autograd():
     logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 3, 10, 3, 7])
     transform = LogitTransform(0.7, 1.5)
-    loss, grad = cross_entropy_and_grad(logits.detach(), targets, *transform)
-    ref = F.cross_entropy(transform(logits), targets, reduction="sum")
-    ref.backward()
+    losses, grad = cross_entropy_and_grad(logits.detach(), targets, *transform)
+    ref = F.cross_entropy(transform(logits), targets, reduction="none")
+    ref.sum().backward()
     assert grad.dtype == torch.float64 and torch.allclose(grad, logits.grad, atol=1e-6)
-    assert torch.allclose(loss.double(), ref, atol=1e-5)
+    assert torch.allclose(losses.double(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +130,7 @@ def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, l
     model.padded, model.own_positions = padded, own_positions
     inputs = collate(load_tokenized(qwen_data, 10_000), list(range(5))).inputs("meta")
     assert inputs["cu_seq_lens_host"].device.type == "cpu"
-    model(**inputs).backward()
+    model(**inputs).total.backward()
     assert lm.get_input_embeddings().weight.grad.device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):  # what a host sync would meet: the check can fail
         inputs["target_index"].tolist()
@@ -149,12 +156,12 @@ def test_compiled_layers_compile_once_for_every_length(qwen_dir, qwen_data, dist
     assert cfg.compile and not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     data = load_tokenized(qwen_data, 10_000)
     minibatches = [collate(data, idx) for idx in ([0, 1, 2], [3], [4, 5], [5, 1, 3, 0])]
-    model(**minibatches[0].inputs("cpu")).backward()
+    model(**minibatches[0].inputs("cpu")).total.backward()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for mb in minibatches[1:]:
-        model(**mb.inputs("cpu")).backward()
+        model(**mb.inputs("cpu")).total.backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
 
@@ -224,8 +231,8 @@ def test_longrope_samples_past_the_switch_get_a_minibatch_to_themselves(tmp_path
         assert len(mb) == 1 or (data.spans[mb] <= 128).all()
     model.eval()
     with torch.no_grad():
-        total = sum(model(**collate(data, mb).inputs("cpu")).item() for mb in plan)
-        mixed = model(**collate(data, list(range(n))).inputs("cpu")).item()
+        total = sum(model(**collate(data, mb).inputs("cpu")).total.item() for mb in plan)
+        mixed = model(**collate(data, list(range(n))).inputs("cpu")).total.item()
     reference = per_sample_loss(model_dir, qwen_data, n)
     assert total == pytest.approx(reference, rel=1e-5)
     assert mixed != pytest.approx(reference, rel=1e-5)  # one packed row: every sample with the long factors

@@ -118,7 +118,7 @@ def test_packed_forward_equals_separate_forwards(qwen_dir, data_path):
                 loss = loss + torch.nn.functional.cross_entropy(logits, dense_targets(mb)[0], reduction="sum")
         else:
             model = setup_model.LossModel(lm, loss_name, setup_model.LogitTransform.of(lm.config))
-            loss = model(**collate(data, idx).inputs("cpu"))
+            loss = model(**collate(data, idx).inputs("cpu")).total
         loss.backward()
         results[attn, loss_name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
     ref_loss, ref_grads = results["eager", "separate"]
