@@ -122,7 +122,7 @@ def trl(model_dir: Path, messages: Path, steps: int, batch_size: int, result: Pa
     result.write_text(json.dumps({"tok_s": throughput(tokens[:steps], ends), "rss_gb": peak_rss_gb()}))
 
 
-def run_leantrain(model_dir, data, steps, batch_size, out, nproc, script=ROOT / "train.py") -> dict:
+def run_leantrain(model_dir, data, steps, batch_size, out, nproc, script=ROOT / "train.py", extra=()) -> dict:
     launcher = (
         [sys.executable]
         if nproc == 1
@@ -148,6 +148,7 @@ def run_leantrain(model_dir, data, steps, batch_size, out, nproc, script=ROOT / 
         "--seed",
         "0",
         "--no-save-final-checkpoint",
+        *extra,
     ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -168,28 +169,48 @@ def run_worker(name, *args) -> dict | None:
         return json.loads(Path(f.name).read_text())
 
 
+def make_inputs(work: Path, conversations: int):
+    """The tiny model, its conversations and their tokenized form."""
+    model_dir = tiny_model.build_model(work / "model")
+    messages = tiny_model.write_jsonl(work / "messages.jsonl", tiny_model.make_conversations(conversations))
+    data = work / "data.jsonl"
+    process = [sys.executable, str(ROOT / "process_data.py"), "--input-file", str(messages)]
+    process += ["--output-file", str(data), "--model-name-or-path", str(model_dir)]
+    subprocess.run(process, check=True, capture_output=True)
+    return model_dir, messages, data
+
+
+@app.command("per-sample")
+def per_sample(steps: int = 20, batch_size: int = 8, conversations: int = 400, repeats: int = 5, nproc: int = 1):
+    """tok/s with per-sample losses (--log-loss-quantiles: summed per sample on the device, carried by the step's
+    all-reduce) against without, runs interleaved, `repeats` of each; the median ratio, and the spread of the
+    baseline's own runs as the noise floor."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, _, data = make_inputs(work, conversations)
+        runs = {"without": [], "with": []}
+        for i in range(repeats):
+            for name, extra in (("without", ()), ("with", ("--log-loss-quantiles",))):
+                out = work / f"{name}{i}"
+                runs[name].append(run_leantrain(model_dir, data, steps, batch_size, out, nproc, extra=extra)["tok_s"])
+    base, new = statistics.median(runs["without"]), statistics.median(runs["with"])
+    spread = (max(runs["without"]) - min(runs["without"])) / base
+    print(
+        f"tiny Qwen2, {batch_size} conversations/step, {steps} steps, {nproc} rank(s), {repeats} interleaved runs each"
+    )
+    print(f"without per-sample losses: median {base:.0f} tok/s  {[round(x) for x in runs['without']]}")
+    print(f"with per-sample losses:    median {new:.0f} tok/s  {[round(x) for x in runs['with']]}")
+    print(f"ratio with/without: {new / base:.3f} (the baseline's own spread, max-min over median: {spread:.1%})")
+
+
 @app.command()
 def compare(steps: int = 20, batch_size: int = 8, conversations: int = 400):
     """Run all trainers and print tokens/s and peak RSS with ratios."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = tiny_model.build_model(work / "model")
-        messages = tiny_model.write_jsonl(work / "messages.jsonl", tiny_model.make_conversations(conversations))
-        data = work / "data.jsonl"
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "process_data.py"),
-                "--input-file",
-                str(messages),
-                "--output-file",
-                str(data),
-                "--model-name-or-path",
-                str(model_dir),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        model_dir, messages, data = make_inputs(work, conversations)
         results = {
             "leantrain, 1 rank": run_leantrain(model_dir, data, steps, batch_size, work / "lt1", 1),
             "leantrain, 2 ranks": run_leantrain(model_dir, data, steps, batch_size, work / "lt2", 2),
