@@ -8,6 +8,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from utils import fail
 
 LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
+MUON_ADJUST_LR = ("match_rms_adamw", "original")  # torch.optim.Muon's adjust_lr_fn
 MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
 
 
@@ -42,16 +43,48 @@ class TrainConfig:
         resume=FREE,
     )
     # optimisation
-    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).", resume=MATCH)
+    learning_rate: float = option(
+        1e-5,
+        "Peak learning rate: AdamW's (with --optimizer muon, the AdamW group's, and the Muon group's unless "
+        "--muon-learning-rate is given).",
+        resume=MATCH,
+    )
     num_warmup_steps: int = option(0, "Linear warmup steps.", resume=MATCH)
     lr_scheduler: str = option(
         "constant_with_warmup", "Any transformers.get_scheduler name (cosine, linear, ...).", resume=MATCH
     )
     seed: int = option(42, "Seed of the data order and of torch.", resume=MATCH)
-    beta1: float = option(0.9, "AdamW beta1.", resume=MATCH)
-    beta2: float = option(0.95, "AdamW beta2.", resume=MATCH)
-    eps: float = option(1e-8, "AdamW epsilon.", resume=MATCH)
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (applied to every parameter).", resume=MATCH)
+    beta1: float = option(0.9, "AdamW beta1 (with --optimizer muon: the AdamW group's only).", resume=MATCH)
+    beta2: float = option(0.95, "AdamW beta2 (with --optimizer muon: the AdamW group's only).", resume=MATCH)
+    eps: float = option(1e-8, "AdamW epsilon (with --optimizer muon: the AdamW group's only).", resume=MATCH)
+    weight_decay: float = option(
+        0.0,
+        "Decoupled weight decay of every trained parameter: p -= lr x wd x p, lr the group's scheduled rate (with "
+        "--optimizer muon: both groups', Muon's with its lr before the shape scaling).",
+        resume=MATCH,
+    )
+    optimizer: str = option(
+        "adamw",
+        "adamw: AdamW over every trained parameter. muon: torch.optim.Muon (torch >= 2.9) over the decoder layers' "
+        "2-D weights, AdamW over the rest (embeddings, LM head, norms, biases, OSFT's factors); one schedule "
+        "multiplies both groups' peak rates.",
+        resume=MATCH,
+        before="adamw",
+    )
+    muon_learning_rate: float | None = option(
+        None,
+        "muon: peak learning rate of the Muon group (default: --learning-rate), scaled per weight by its shape "
+        "(--muon-adjust-lr).",
+        resume=MATCH,
+    )
+    muon_momentum: float = option(0.95, "muon: Muon's (Nesterov) momentum, in [0, 1).", resume=MATCH)
+    muon_adjust_lr: str = option(
+        "match_rms_adamw",
+        "muon: how Muon scales its lr by each weight's whole (unsharded) shape A x B: match_rms_adamw, lr x 0.2 x "
+        "sqrt(max(A, B)) (updates of AdamW's RMS: AdamW's lr and weight decay carry over), or original, lr x "
+        "sqrt(max(1, A / B)) (Keller Jordan's: expects a Muon lr like 0.02).",
+        resume=MATCH,
+    )
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables clipping).", resume=MATCH)
     # length: neither flag means run until stopped
     max_steps: int | None = option(None, "Stop after this many optimizer steps.", resume=FREE)
@@ -204,6 +237,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not getattr(self, name) < 1:
                 fail(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        self.validate_optimizer()
         if self.num_warmup_steps < 0:
             fail(f"--num-warmup-steps must be >= 0, got {self.num_warmup_steps}")
         if not 0 <= self.seed < 2**63:
@@ -244,6 +278,32 @@ class TrainConfig:
             fail(f"--loss-aware-power must be a finite number >= 0, got {self.loss_aware_power}")
         if not 0 <= self.loss_aware_uniform <= 1:
             fail(f"--loss-aware-uniform must be in [0, 1], got {self.loss_aware_uniform}")
+
+    def validate_optimizer(self):
+        """--optimizer and its hyper-parameters (the betas, eps and weight decay are checked with the others)."""
+        import torch
+
+        from setup_model import OPTIMIZERS  # here, not at import: --help stays fast
+
+        if self.optimizer not in OPTIMIZERS:
+            fail(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            fail(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        given = [
+            f"--{f.name.replace('_', '-')}"
+            for f in fields(self)
+            if f.name.startswith("muon_") and getattr(self, f.name) != f.default
+        ]
+        if given and self.optimizer != "muon":
+            fail(f"{', '.join(given)} need --optimizer muon")
+        if self.muon_learning_rate is not None and not (
+            math.isfinite(self.muon_learning_rate) and self.muon_learning_rate >= 0
+        ):
+            fail(f"--muon-learning-rate must be a finite number >= 0, got {self.muon_learning_rate}")
+        if not 0 <= self.muon_momentum < 1:
+            fail(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_adjust_lr not in MUON_ADJUST_LR:
+            fail(f"--muon-adjust-lr must be one of {', '.join(MUON_ADJUST_LR)}, got {self.muon_adjust_lr}")
 
 
 def resume_settings(cfg: TrainConfig, identity: dict) -> dict:

@@ -61,11 +61,9 @@ setup() {  # setup VENV USE_LOCK(yes|no)
     fi
     if [ ! "$venv/.installed" -nt pyproject.toml ] || [ ! "$venv/.installed" -nt "$lock" ]; then
         echo "dev.sh: installing leantrain's dependencies and dev tools (pip install -e \".[dev]\"${constraints:+ -c $lock})"
-        if [ "$use_lock" = yes ]; then
-            "$py" -m pip install -q -e ".[dev]" "${constraints[@]}"
-        else
-            "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-        fi
+        # Without the lock (relock's fresh environment) pip resolves the newest releases the ranges admit, torch
+        # aside: the one installed above satisfies its range (an upgrade would fetch the CUDA build).
+        "$py" -m pip install -q -e ".[dev]" "${constraints[@]}"
         touch "$venv/.installed"
     fi
 }

@@ -233,7 +233,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
             tracking(cfg, out.path, params, state.step, dist.is_main) as trackers,
             MetricsLog(out.path, dist.is_main, num_steps, trackers) as metrics,  # its progress bar stops on any exit
         ):
-            train_steps(
+            return train_steps(
                 Run(
                     cfg,
                     dist,
@@ -405,9 +405,56 @@ def _cli_from_config(run):
 
 
 def main(argv=None):
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    app.command()(_cli_from_config(exit_on_user_error(train)))
-    app(argv if argv is not None else sys.argv[1:])
+    """The CLI. With LEANTRAIN_STATUS_FILE set (slurm/train.sbatch sets it), rank 0 writes there at exit how the run
+    ended: `finished`, `saved-on-signal` or `error CODE` (train.py's exit code), what the job script requeues on and
+    exits with. A SIGUSR1 that comes before training takes it (start-up, loading) is kept, and delivered again once
+    training's handler is in place: the run saves and stops at its first step."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ended, kept, lock = [], [], threading.Lock()
+
+    def keep(signum, frame):
+        if not kept:
+            threading.Thread(target=deliver, daemon=True).start()
+        kept.append(signum)
+
+    def deliver():  # to training's own handler (checkpoint.Saver), as soon as there is one
+        while True:
+            with lock:
+                handler = signal.getsignal(signal.SIGUSR1)
+                if handler is not keep:  # training's, or what main() restored on leaving
+                    if callable(handler):
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return
+            time.sleep(0.01)
+
+    def run(cfg):
+        ended.append(train(cfg))
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, keep) if in_main_thread else None
+    code = 1
+    try:
+        app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+        app.command()(_cli_from_config(exit_on_user_error(run)))
+        app(argv if argv is not None else sys.argv[1:])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        if in_main_thread:
+            with lock:
+                signal.signal(signal.SIGUSR1, previous)
+        status_file = os.environ.get("LEANTRAIN_STATUS_FILE")
+        if status_file and os.environ.get("RANK", "0") == "0" and (ended or code):
+            try:
+                Path(status_file).write_text(f"{ended[0] if ended and not code else f'error {code}'}\n")
+            except OSError as e:
+                print(f"warning: could not write LEANTRAIN_STATUS_FILE {status_file}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
