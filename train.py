@@ -139,6 +139,16 @@ def load_data(cfg: TrainConfig, model_config):
     return data, val
 
 
+def train_minibatch(model, mb, scale: float, sums, device):
+    """Forward and backward of one minibatch (loss x scale), its summed loss added into sums[0] and, where sums
+    has a slot per sample of the step, each target's loss into its sample's: all on the device, no host sync."""
+    losses = model(**mb.inputs(device))
+    (losses.total * scale).backward()
+    sums[0] += losses.total.detach()
+    if len(sums) > 1:
+        sums[1:].index_add_(0, mb.target_sample.to(device), losses.per_target.double())
+
+
 def clip_gradients(model, max_norm: float) -> float:
     """Global gradient norm before clipping (FSDP2 grads are DTensors: the norm covers every rank's shard)."""
     import torch
@@ -299,13 +309,10 @@ def train_steps(run: Run) -> str:
             step = state.step + 1
             # [the step's summed loss, then each sample's (in batch order) when asked for], summed over ranks below
             sums = torch.zeros(1 + batch.num_samples * run.per_sample, dtype=torch.float64, device=dist.device)
+            # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
+            scale = dist.world_size / batch.num_loss_tokens
             for mb in batch.minibatches:
-                losses = model(**mb.inputs(dist.device))
-                # The exact per-token mean over the whole global batch; x world size cancels FSDP's gradient mean.
-                (losses.total * dist.world_size / batch.num_loss_tokens).backward()
-                sums[0] += losses.total.detach()
-                if run.per_sample:  # each target's loss onto its sample, on the device: no host sync
-                    sums[1:].index_add_(0, mb.target_sample.to(dist.device), losses.per_target.double())
+                train_minibatch(model, mb, scale, sums, dist.device)
             grad_norm = clip_gradients(model, cfg.max_grad_norm)
             sums = all_reduce_sum(sums)  # the step's one collective, per-sample losses included
             loss = float(sums[0]) / batch.num_loss_tokens

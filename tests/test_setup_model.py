@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import setup_model
+import train
 from attention import PER_SEQUENCE, register_attention
 from conftest import packed_loss, per_sample_loss, save_arch, setup
 from setup_model import LogitTransform, chunked_losses, cross_entropy_and_grad
@@ -116,7 +117,7 @@ def test_unusable_schedules_fail_before_any_heavy_work(flags, message):
     ],
 )
 def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, loss, padded, own_positions):
-    """No host sync inside a minibatch's forward and backward: on the meta device (shapes, no data) any `.item()`,
+    """No host sync inside a minibatch's forward and backward, per-sample losses included: on the meta device (shapes, no data) any `.item()`,
     `.tolist()`, `nonzero` or boolean-mask index of a device tensor raises, as it would stall a GPU. Only the
     collator's host copy of the boundaries (a real CPU tensor, as on CUDA) may be read."""
     from transformers import AutoModelForCausalLM
@@ -128,12 +129,13 @@ def test_a_minibatch_never_reads_device_memory(qwen_dir, qwen_data, attention, l
     lm = AutoModelForCausalLM.from_pretrained(qwen_dir, attn_implementation=attention).to("meta")
     model = setup_model.LossModel(lm, loss, LogitTransform.of(lm.config))
     model.padded, model.own_positions = padded, own_positions
-    inputs = collate(load_tokenized(qwen_data, 10_000), list(range(5))).inputs("meta")
-    assert inputs["cu_seq_lens_host"].device.type == "cpu"
-    model(**inputs).total.backward()
-    assert lm.get_input_embeddings().weight.grad.device.type == "meta"
+    mb = collate(load_tokenized(qwen_data, 10_000), list(range(5)))
+    assert mb.inputs("meta")["cu_seq_lens_host"].device.type == "cpu"
+    sums = torch.zeros(1 + 5, dtype=torch.float64, device="meta")  # the step's loss and each sample's, as train.py
+    train.train_minibatch(model, mb, 0.5, sums, "meta")
+    assert lm.get_input_embeddings().weight.grad.device.type == "meta" and sums.device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):  # what a host sync would meet: the check can fail
-        inputs["target_index"].tolist()
+        mb.inputs("meta")["target_index"].tolist()
 
 
 def test_compiled_layers_compile_once_for_every_length(qwen_dir, qwen_data, dist, monkeypatch):
