@@ -76,8 +76,8 @@ def test_a_checkpoint_written_before_the_change_resumes(qwen_dir, data_path, tmp
     old.mkdir()
     try:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_RULES], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.fail(f"needs the git history holding {BEFORE_RULES} (a full clone): {e}")
+    except (OSError, subprocess.CalledProcessError):  # a tarball or a shallow clone: say so, loudly
+        pytest.skip(f"needs git and the history holding commit {BEFORE_RULES} (a full clone)")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
 
     def train_with(code_dir, out, steps, *extra):

@@ -236,3 +236,38 @@ def test_requeue_and_exit_code_follow_what_the_trainer_reports(
     if signal_batch_script and not requeued:
         assert "not requeued" in log
     assert not list((tmp_path / "out").glob(".leantrain-status-*"))
+
+
+def train_argv(model, data, out, *flags):
+    argv = [sys.executable, ROOT / "train.py", "--model-name-or-path", model, "--data-path", data, "--output-dir", out]
+    return [str(a) for a in [*argv, "--batch-size", BATCH, "--max-tokens-per-gpu", 256, *flags]]
+
+
+def test_train_keeps_a_usr1_from_start_up_and_reports_it(qwen_dir, data_path, tmp_path):
+    """train.py takes USR1 from its start: one that comes while it loads stops the run at its first step (USR1's
+    default would kill it; under torchrun, started with USR1 ignored, it would be lost), and rank 0 reports
+    saved-on-signal in LEANTRAIN_STATUS_FILE."""
+    out, status = tmp_path / "run", tmp_path / "status"
+    argv = train_argv(qwen_dir, data_path, out, "--max-steps", 60)
+    env = cpu_env({"LEANTRAIN_STATUS_FILE": str(status), "OMP_NUM_THREADS": "1"})
+    run = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = run.stdout.read(1)  # its first output (loading the model): long before training takes signals
+    assert not (out / "training_metrics_0.jsonl").exists()
+    run.send_signal(signal.SIGUSR1)
+    log, _ = run.communicate(timeout=120)
+    log = first + log
+    assert run.returncode == 0, log
+    assert steps(out) == [1], log
+    assert (out / "full_state" / f"samples_{BATCH}").is_dir(), log
+    assert status.read_text() == "saved-on-signal\n"
+
+
+def test_train_reports_its_exit_code_from_rank_0_only(tmp_path):
+    argv = train_argv(tmp_path / "none", tmp_path / "none.jsonl", tmp_path / "out", "--max-steps", 1)
+    for rank in "0", "1":
+        status = tmp_path / f"status-{rank}"
+        env = cpu_env({"LEANTRAIN_STATUS_FILE": str(status), "RANK": rank})
+        run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert status.exists() == (rank == "0")
+    assert (tmp_path / "status-0").read_text() == "error 2\n"
