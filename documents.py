@@ -6,9 +6,9 @@ with --drop-last-block). With --isolate-documents each block also carries `posit
 document start, so the trainer keeps documents apart. Rows have the fields of chat rows: the trainer needs no mode,
 and both kinds can share one file.
 
-The CLI, the line checks both modes share, the reading in chunks by worker processes and the atomic write are
-process_data.py's: this module imports its helpers from there, and process_data imports this module only inside
-main(), so neither import is a cycle.
+The CLI and the atomic write are process_data.py's; the line checks both modes share, the reading in chunks by
+worker processes and the counts are data_lines.py's. This module imports data_lines, never process_data: run as a
+script, process_data is `__main__`, and importing it by name would load a second copy of it.
 """
 
 import json
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from process_data import InvalidLine, Tally, check_unicode, model_positions, parse_object
+from data_lines import InvalidLine, Tally, check_unicode, model_positions, parse_object
 from utils import counted, fail
 
 # The summary shows this many characters of the first block: a whole one is ~10,000 at a block size of 2048.

@@ -395,6 +395,34 @@ def run_documents(tmp_path, docs, tokenizer_dir, *flags):
     return run(tmp_path, [{"document": d} for d in docs], tokenizer_dir, "--pretrain-block-size", BLOCK, *flags)
 
 
+def test_script_loads_each_module_once(tmp_path, qwen_dir):
+    """Run as `python process_data.py`, the script is `__main__`: no module it imports may import process_data by
+    name, which would load a second copy (a second FatalLine class, which main() would not catch). The import log
+    of a document-mode run through worker processes names each module imported, and process_data not among them."""
+    src = tiny_model.write_jsonl(tmp_path / "docs.jsonl", [{"document": d} for d in documents(40, seed=8)])
+    out = tmp_path / "out.jsonl"
+    r = run_script(
+        "-X",
+        "importtime",
+        ROOT / "process_data.py",
+        "--input-file",
+        src,
+        "--output-file",
+        out,
+        "--model-name-or-path",
+        qwen_dir,
+        "--pretrain-block-size",
+        BLOCK,
+        "--num-proc",
+        2,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().count("\n") > 1
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert {"documents", "utils"} <= imported  # the log is read right
+    assert "process_data" not in imported
+
+
 @pytest.mark.parametrize("isolate", [False, True])
 def test_blocks_are_the_documents_with_eos_separators(tmp_path, qwen_dir, isolate):
     tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
