@@ -438,8 +438,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
     """Several torch optimizers as one: one param_groups list (each group names its part under "optimizer") and
     one state, which the scheduler (one lr factor, each group's own base lr), the after-step hooks (OSFT's
     projection) and DCP's get/set_state_dict (parameters by FQN) see as those of any optimizer. step() hands each
-    part its groups and the shared state, then steps it: each part runs its own update on its own parameters. Its
-    param_groups and state are looked up anew at every step, since load_state_dict replaces both."""
+    part its groups and the shared state, then steps it: each part runs its own update on its own parameters. The
+    parts get them anew at every step, since load_state_dict replaces the combined object's."""
 
     def __init__(self, parts: dict):
         self.parts = parts
@@ -459,7 +459,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return loss
 
 
-class WholeMatrixMuon(torch.optim.Muon):
+# torch < 2.9 has no Muon: this module still imports, and config.py refuses --optimizer muon in one line.
+class WholeMatrixMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
     """torch.optim.Muon, each matrix orthogonalised whole. Under FSDP2 a parameter is a DTensor sharded by rows;
     torch's Muon then runs Newton-Schulz as DTensor matmuls, reducing bf16 partial products across ranks (2 ranks
     drifted from 1 by 3e-5 of the loss in 3 steps, and stepped 3x slower on 2 CPU ranks). Here each rank gathers a

@@ -150,15 +150,24 @@ def flags_error(**flags):
     return str(e.value)
 
 
-def test_flag_checks(monkeypatch):
+def test_flag_checks(tmp_path):
     assert flags_error(optimizer="sgd") == "--optimizer must be one of adamw, muon, got sgd"
     assert flags_error(muon_momentum=0.9, muon_learning_rate=0.02) == (
         "--muon-learning-rate, --muon-momentum need --optimizer muon"
     )
     assert "--muon-momentum must be in [0, 1)" in flags_error(optimizer="muon", muon_momentum=1.0)
     assert "--muon-adjust-lr must be one of" in flags_error(optimizer="muon", muon_adjust_lr="none")
-    monkeypatch.delattr(torch.optim, "Muon")
-    assert flags_error(optimizer="muon").startswith("--optimizer muon needs torch >= 2.9 (torch.optim.Muon)")
+    # A torch without Muon (as before 2.9), from a fresh interpreter: train.py and its modules import, and the
+    # flag is refused in one line before any model is loaded.
+    code = (
+        "import sys, torch; del torch.optim.Muon; sys.argv[0] = 'train.py'; import train; "
+        "train.main(['--model-name-or-path', 'm', '--data-path', 'd', '--output-dir', sys.argv[1], '--batch-size', '1', "
+        "'--max-tokens-per-gpu', '64', '--optimizer', 'muon'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], cwd=ROOT, env=cpu_env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert one_error_line(r.stderr).startswith("error: --optimizer muon needs torch >= 2.9 (torch.optim.Muon)")
 
 
 # --- whole runs ----------------------------------------------------------------------------------------------
