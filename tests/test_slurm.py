@@ -20,7 +20,7 @@ BATCH = 8
 
 # srun: run the command once per node (SLURM_NNODES of them), each with its node and task ids, pass USR1 on to the
 # tasks as srun does, exit with the first failure. Like a real srun, it drops a USR1 that comes before its step has
-# started (here: its first second, after it has written FAKE_SRUN_UP).
+# started (FAKE_SRUN_STARTS_STEP_IN seconds after it has written FAKE_SRUN_UP).
 FAKE_SRUN = """#!{python}
 import signal
 tasks = []
@@ -28,7 +28,7 @@ signal.signal(signal.SIGUSR1, lambda *_: [t.send_signal(signal.SIGUSR1) for t in
 import os, subprocess, sys, time
 
 open(os.environ["FAKE_SRUN_UP"], "w").close()
-time.sleep(1)
+time.sleep(float(os.environ.get("FAKE_SRUN_STARTS_STEP_IN", 0)))
 args = sys.argv[1:]
 while args[0].startswith("-"):
     args.pop(0)
@@ -119,7 +119,7 @@ def wait_for(path, job, timeout=60):
 def test_sbatch_two_nodes_signal_before_training_saves_at_first_step_and_requeues(qwen_dir, data_path, tmp_path):
     out = tmp_path / "run"
     # 60 steps take ~20 s: a signal that never reached the trainers ends the run at step 60, not in a timeout.
-    job = sbatch(slurm_env(tmp_path, qwen_dir, data_path, out, "--max-steps 60"))
+    job = sbatch(slurm_env(tmp_path, qwen_dir, data_path, out, "--max-steps 60", FAKE_SRUN_STARTS_STEP_IN="1"))
     wait_for(tmp_path / "srun-up", job)
     # What --signal=B:USR1@300 sends the batch script near the time limit, here before srun's step has started
     # (srun drops it: the script sends it again) and before the trainers can take it (train.py keeps it).
@@ -264,10 +264,12 @@ def test_train_keeps_a_usr1_from_start_up_and_reports_it(qwen_dir, data_path, tm
 
 def test_train_reports_its_exit_code_from_rank_0_only(tmp_path):
     argv = train_argv(tmp_path / "none", tmp_path / "none.jsonl", tmp_path / "out", "--max-steps", 1)
-    for rank in "0", "1":
-        status = tmp_path / f"status-{rank}"
-        env = cpu_env({"LEANTRAIN_STATUS_FILE": str(status), "RANK": rank})
-        run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2, run.stderr
-        assert status.exists() == (rank == "0")
+    runs = {}
+    for rank in "0", "1":  # side by side
+        env = cpu_env({"LEANTRAIN_STATUS_FILE": str(tmp_path / f"status-{rank}"), "RANK": rank})
+        runs[rank] = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    for rank, run in runs.items():
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 2, err
+        assert (tmp_path / f"status-{rank}").exists() == (rank == "0")
     assert (tmp_path / "status-0").read_text() == "error 2\n"
