@@ -75,6 +75,46 @@ def step_metrics(
     return row
 
 
+class SourceMetrics:
+    """Where the data has several sources (dataset.Sources), each training row's keys per source NAME: `loss/NAME`,
+    the exact token-weighted mean of the source's samples in the step (from the per-sample losses; null where the
+    step drew none of it), `num_samples/NAME`, `num_loss_counted_tokens/NAME`, `num_total_tokens/NAME` (global,
+    real tokens), and `epoch/NAME`, the passes over the source so far (samples drawn from it through this step /
+    its samples). `sampler_state`: the state the run starts from ({} when fresh), which says what was drawn."""
+
+    def __init__(self, sources, sampler_state: dict):
+        import numpy as np
+
+        from sampler import drawn_per_source
+
+        self.names, self.counts = sources.names, np.asarray(sources.counts, dtype=np.int64)
+        self.source_of = np.repeat(np.arange(len(self.names)), self.counts)
+        self.drawn = drawn_per_source(sampler_state, sources.counts)
+
+    def row(self, indices, sample_losses, sample_targets, lengths) -> dict:
+        """The step's keys: `indices` its samples in batch order, `sample_losses` each one's summed loss (a tensor
+        or array, batch order), `sample_targets` each one's target count, `lengths` every sample's tokens."""
+        import numpy as np
+
+        if hasattr(sample_losses, "cpu"):
+            sample_losses = sample_losses.cpu().numpy()
+        k, source = len(self.names), self.source_of[indices]
+        samples = np.bincount(source, minlength=k)
+        targets, tokens = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        np.add.at(targets, source, np.asarray(sample_targets, dtype=np.int64))
+        np.add.at(tokens, source, lengths[indices])
+        losses = np.bincount(source, weights=np.asarray(sample_losses, dtype=np.float64), minlength=k)
+        self.drawn = self.drawn + samples
+        row = {}
+        for i, name in enumerate(self.names):
+            row[f"loss/{name}"] = float(losses[i] / targets[i]) if targets[i] else None
+            row[f"num_samples/{name}"] = int(samples[i])
+            row[f"num_loss_counted_tokens/{name}"] = int(targets[i])
+            row[f"num_total_tokens/{name}"] = int(tokens[i])
+            row[f"epoch/{name}"] = float(self.drawn[i] / self.counts[i])
+        return row
+
+
 class MetricsLog:
     """Appends metrics to the JSONL (rank 0 only) and prints the console line with an ETA when the length is known."""
 
@@ -158,9 +198,12 @@ class MetricsLog:
         if not self.is_main:
             return
         self.append(row)
+        names = [k.removeprefix("val_loss/") for k in row if k.startswith("val_loss/")]  # several sets: each one's
+        tokens = sum(row[f"val_num_loss_counted_tokens/{n}"] for n in names) or row["val_num_loss_counted_tokens"]
         log(
-            f"step {row['step']} | val_loss {row['val_loss']:.4f} | {row['val_num_loss_counted_tokens']:,} tokens "
-            f"in {row['val_time']:.1f} s"
+            f"step {row['step']} | val_loss {row['val_loss']:.4f} | "
+            + "".join(f"{n} {row[f'val_loss/{n}']:.4f} | " for n in names)
+            + f"{tokens:,} tokens in {row['val_time']:.1f} s"
         )
 
 
@@ -304,8 +347,14 @@ def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
+def named_keys(rows: list[dict], prefix: str) -> list[str]:
+    """The keys starting with `prefix` (loss/NAME, val_loss/NAME) in the rows, in the order they first appear."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith(prefix)))
+
+
 def plot(output_dir: Path) -> Path:
-    """Draw loss and val_loss, lr, grad norm and tokens/s against steps into OUTPUT_DIR/training_curves.png."""
+    """Draw loss and val_loss, lr, grad norm and tokens/s against steps into OUTPUT_DIR/training_curves.png; with
+    several sources and validation sets, a loss curve for each."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state; PNGs render with Agg
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
@@ -325,8 +374,13 @@ def plot(output_dir: Path) -> Path:
         ax.plot(steps, [r[key] for r in train], lw=1, label=key, marker="." if len(steps) < 50 else None)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    if val:
-        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", lw=1.5, label="val_loss")
+    # Several sources and sets: one curve each (loss/NAME over the steps that drew the source; val_loss/NAME).
+    curves = [(train, key, dict(lw=1, alpha=0.8)) for key in named_keys(train, "loss/")]
+    curves += [(val, key, dict(lw=1.5, marker="o")) for key in named_keys(val, "val_loss/") or ["val_loss"]]
+    for rows, key, style in curves:
+        points = [(r["step"], r[key]) for r in rows if is_number(r.get(key))]
+        if points:
+            loss_ax.plot(*zip(*points), label=key, **style)
     # A loss or norm spanning a decade or more (a falling loss, a spiking norm) would flatten its late steps on a
     # linear axis: log, ticked 1-2-5 in plain numbers.
     for ax in (loss_ax, norm_ax):

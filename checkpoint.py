@@ -183,6 +183,8 @@ def check_resumable(path: Path, meta: dict, settings: dict, before: dict):
             diffs.append(
                 f"--model-name-or-path is another model architecture (fingerprint {now}, checkpoint {saved.get(name)})"
             )
+        elif name == "data_weights":
+            diffs.append(f"--data-path weights {now} (checkpoint: {then}; None: the sources concatenated)")
         elif name == "data":
             diffs.append(
                 f"--data-path holds other data (fingerprint {now}, checkpoint {saved.get(name)}; the samples kept "
@@ -374,12 +376,18 @@ class Saver:
     def _on_signal(self, signum, frame):
         self.signal_received = signum
 
-    def note_validation(self, val_loss: float, model, optimizer, state: TrainState):
-        """With --keep-best-checkpoint, an improved val_loss gets a checkpoint that pruning keeps."""
-        if not self.cfg.keep_best_checkpoint or (self.best is not None and val_loss >= self.best["val_loss"]):
+    def note_validation(self, val_loss: float, model, optimizer, state: TrainState, name: str | None = None):
+        """With --keep-best-checkpoint, an improved val_loss (of the set `name`, --best-checkpoint-set's) gets a
+        checkpoint that pruning keeps. A best measured on another set (a resume that watches another) starts over."""
+        if not self.cfg.keep_best_checkpoint:
             return
-        self.best = {"val_loss": val_loss, "samples": state.samples_seen}
-        log(f"best val_loss so far: {val_loss:.4f} at step {state.step}")
+        if self.best is not None and self.best.get("set", name) != name:
+            log(f"--best-checkpoint-set {name}: the best so far was measured on {self.best['set']}; starting over")
+            self.best = None
+        if self.best is not None and val_loss >= self.best["val_loss"]:
+            return
+        self.best = {"val_loss": val_loss, "samples": state.samples_seen} | ({"set": name} if name else {})
+        log(f"best val_loss so far: {val_loss:.4f}{f' ({name})' if name else ''} at step {state.step}")
         self.save(model, optimizer, state)  # validation runs before the step's other saves: none exists yet
 
     @staticmethod

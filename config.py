@@ -30,7 +30,12 @@ def option(default=MISSING, help: str = "", flags: tuple = (), *, resume: str, b
 class TrainConfig:
     # data and model
     model_name_or_path: str = option(help="Hugging Face model folder or hub id (a causal LM).", resume=FREE)
-    data_path: str = option(help="Tokenized JSONL written by process_data.py.", resume=FREE)
+    data_path: str = option(
+        help="Tokenized JSONL written by process_data.py. Several sources: [NAME=]PATH[:WEIGHT], comma-separated "
+        "(NAME: the file's stem by default); with weights a mixture, each step drawn from the sources by weight "
+        "(a source without one counts 1); without, the sources concatenated in the order given.",
+        resume=FREE,
+    )
     output_dir: str = option(help="Where metrics, training_params.json and checkpoints go.", resume=FREE)
     batch_size: int = option(help="Samples per optimizer step, over all ranks (the global batch).", resume=MATCH)
     max_tokens_per_gpu: int = option(
@@ -145,11 +150,15 @@ class TrainConfig:
     )
     # validation
     validation_data_path: str | None = option(
-        None, "Tokenized JSONL to measure val_loss on (no gradient).", resume=FREE
+        None,
+        "Tokenized JSONL to measure val_loss on (no gradient). Several sets: [NAME=]PATH, comma-separated; each "
+        "one's val_loss/NAME is logged, and val_loss is the first set's.",
+        resume=FREE,
     )
     validation_split: float | None = option(
         None,
-        "Hold out this fraction of --data-path's samples (chosen by --seed) to measure val_loss on.",
+        "Hold out this fraction of --data-path's samples (chosen by --seed; of each source's, one set per source) "
+        "to measure val_loss on.",
         resume=MATCH,
     )
     validation_frequency: int | None = option(
@@ -161,6 +170,11 @@ class TrainConfig:
         False,
         "Save a checkpoint whenever val_loss improves; pruning never deletes the best one.",
         ("--keep-best-checkpoint",),
+        resume=FREE,
+    )
+    best_checkpoint_set: str | None = option(
+        None,
+        "The validation set (its NAME) whose val_loss --keep-best-checkpoint watches. Default: the first.",
         resume=FREE,
     )
     # experiment trackers (optional packages: pip install -e ".[trackers]")
@@ -270,14 +284,34 @@ class TrainConfig:
             fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.loss not in LOSSES:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
-        from sampler import SAMPLERS  # here, not at import: --help stays fast
+        from sampler import CHOICES  # here, not at import: --help stays fast
 
-        if self.sampler not in SAMPLERS:
-            fail(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler}")
+        if self.sampler not in CHOICES:
+            fail(f"--sampler must be one of {', '.join(CHOICES)}, got {self.sampler}")
+        self.validate_sources()
         if not (math.isfinite(self.loss_aware_power) and self.loss_aware_power >= 0):
             fail(f"--loss-aware-power must be a finite number >= 0, got {self.loss_aware_power}")
         if not 0 <= self.loss_aware_uniform <= 1:
             fail(f"--loss-aware-uniform must be in [0, 1], got {self.loss_aware_uniform}")
+
+    def validate_sources(self):
+        """--data-path's and --validation-data-path's grammar, and what names a validation set."""
+        from dataset import parse_sources
+
+        sources = parse_sources(self.data_path, "--data-path")
+        sets = sources if self.validation_split is not None else []  # a split holds out one set per source
+        if self.validation_data_path is not None:
+            sets = parse_sources(self.validation_data_path, "--validation-data-path", weights=False)
+        if len(sources) > 1 and self.sampler == "loss-aware":
+            fail("--sampler loss-aware takes one --data-path source (several are drawn uniformly or by weight)")
+        if self.best_checkpoint_set is not None:
+            if not self.keep_best_checkpoint:
+                fail("--best-checkpoint-set needs --keep-best-checkpoint")
+            if self.best_checkpoint_set not in [s.name for s in sets]:
+                fail(
+                    f"--best-checkpoint-set {self.best_checkpoint_set}: no validation set of that name (the sets: "
+                    f"{', '.join(s.name for s in sets)})"
+                )
 
     def validate_optimizer(self):
         """--optimizer and its hyper-parameters (the betas, eps and weight decay are checked with the others)."""

@@ -1,9 +1,13 @@
 """Tokenized data: read process_data.py's JSONL once into flat int32 arrays (no Python list per sample), every
 field checked (one-line errors naming file, line and field), samples that can never fit a minibatch dropped and
-counted."""
+counted. The grammar of --data-path and --validation-data-path (named sources, weights) and several sources
+concatenated into one run's data."""
 
 import functools
 import hashlib
+import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +107,7 @@ def load_tokenized(
     vocab_size: int | None = None,
     max_positions: int | None = None,
     drop_overlong: bool = False,
+    flag: str = "--data-path",
 ) -> TokenizedData:
     """Read a tokenized JSONL (`input_ids`, `labels`, optional `position_ids`, `len`, `num_loss_counted_tokens`).
     Ids and labels must fit the model's vocabulary (`vocab_size`, when given); a UTF-8 BOM is accepted. A sample
@@ -111,10 +116,11 @@ def load_tokenized(
 
     Samples longer than max_tokens_per_sample (the per-rank minibatch capacity) can never be packed: they are
     dropped here with a logged count. Optional fields are recomputed (`num_loss_counted_tokens` always, with the
-    trainer's own boundary rule, so the loss normalisation can never disagree with the targets actually built)."""
+    trainer's own boundary rule, so the loss normalisation can never disagree with the targets actually built).
+    `flag`: the flag that named the file, in error messages."""
     path = Path(path)
     if not path.is_file():
-        fail(f"--data-path {path}: no such file")
+        fail(f"{flag} {path}: no such file")
     ids_parts, label_parts, pos_parts, lines = [], [], [], []
     too_long = 0
     vocab = vocab_size or INT32_LIMIT
@@ -153,11 +159,11 @@ def load_tokenized(
             pos_parts.append(pos)
             lines.append(lineno)
     if not lines and not too_long:
-        fail(f"--data-path {path}: empty file (no samples)")
+        fail(f"{flag} {path}: empty file (no samples)")
     if too_long:
         log(f"dropped {too_long} samples longer than --max-tokens-per-gpu {max_tokens_per_sample}")
     if not lines:
-        fail(f"--data-path {path}: none of its {too_long} samples fits --max-tokens-per-gpu {max_tokens_per_sample}")
+        fail(f"{flag} {path}: none of its {too_long} samples fits --max-tokens-per-gpu {max_tokens_per_sample}")
 
     offsets = np.zeros(len(lines) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in ids_parts], out=offsets[1:])
@@ -172,11 +178,13 @@ def load_tokenized(
         source_lines=np.asarray(lines, dtype=np.int64),
     )
     if max_positions is not None:
-        data = drop_overlong_samples(data, path, max_positions, drop_overlong)
-    return drop_samples_without_targets(data, path)
+        data = drop_overlong_samples(data, path, max_positions, drop_overlong, flag)
+    return drop_samples_without_targets(data, path, flag)
 
 
-def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, drop: bool) -> TokenizedData:
+def drop_overlong_samples(
+    data: TokenizedData, path: Path, max_positions: int, drop: bool, flag: str = "--data-path"
+) -> TokenizedData:
     """Positions restart at each sequence, so a sample reaching position max_positions holds a sequence longer
     than the model's positions: the model would train on positions it has never been given."""
     overlong = data.spans > max_positions
@@ -187,15 +195,15 @@ def drop_overlong_samples(data: TokenizedData, path: Path, max_positions: int, d
     what += f" (the first at line {line})"
     if not drop:
         fail(
-            f"--data-path {path}: {what}: drop them with --drop-overlong-samples (or --max-sample-num-tokens in process_data.py)"
+            f"{flag} {path}: {what}: drop them with --drop-overlong-samples (or --max-sample-num-tokens in process_data.py)"
         )
     if overlong.all():
-        fail(f"--data-path {path}: every sample has a sequence longer than the model's {max_positions} positions")
+        fail(f"{flag} {path}: every sample has a sequence longer than the model's {max_positions} positions")
     log(f"dropped {what}")
     return select_samples(data, ~overlong)
 
 
-def drop_samples_without_targets(data: TokenizedData, path: Path) -> TokenizedData:
+def drop_samples_without_targets(data: TokenizedData, path: Path, flag: str = "--data-path") -> TokenizedData:
     """A sample with no target adds nothing to the loss (and a batch of only such samples has none to divide
     by): drop it, logged."""
     keep = data.num_loss_counted_tokens > 0
@@ -203,9 +211,7 @@ def drop_samples_without_targets(data: TokenizedData, path: Path) -> TokenizedDa
         return data
     log(f"dropped {int((~keep).sum())} samples with no loss-counted token")
     if not keep.any():
-        fail(
-            f"--data-path {path}: no sample has a loss-counted token (every label is -100 or a sequence's first token)"
-        )
+        fail(f"{flag} {path}: no sample has a loss-counted token (every label is -100 or a sequence's first token)")
     return select_samples(data, keep)
 
 
@@ -222,3 +228,143 @@ def select_samples(data: TokenizedData, keep: np.ndarray) -> TokenizedData:
         num_loss_counted_tokens=data.num_loss_counted_tokens[keep],
         source_lines=data.source_lines[keep],
     )
+
+
+def concat_samples(parts: list[TokenizedData]) -> TokenizedData:
+    """Several datasets as one, in the order given (sample i of part k is sample starts[k] + i); one part as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([p.lengths for p in parts])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenizedData(
+        input_ids=np.concatenate([p.input_ids for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        position_ids=np.concatenate([p.position_ids for p in parts]),
+        offsets=offsets,
+        num_loss_counted_tokens=np.concatenate([p.num_loss_counted_tokens for p in parts]),
+        source_lines=np.concatenate([p.source_lines for p in parts]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named sources: the grammar of --data-path and --validation-data-path
+
+SOURCE_NAME = re.compile(r"[\w.+-]+")  # a NAME given with NAME=PATH (a file's stem is taken as it is)
+WEIGHT_END = re.compile(r":([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)$")  # ":number" at the end
+GRAMMAR = "[NAME=]PATH[:WEIGHT], comma-separated"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of --data-path or --validation-data-path."""
+
+    name: str  # NAME, or the file's stem
+    path: str
+    weight: float | None = None  # WEIGHT as given (only --data-path takes one); None: not given
+
+
+def parse_sources(spec: str, flag: str, weights: bool = True) -> list[Source]:
+    """The one grammar of --data-path and --validation-data-path: `[NAME=]PATH[:WEIGHT]`, comma-separated. NAME
+    defaults to the file's stem (two sources of one name: an error), WEIGHT (a number > 0) is taken only where
+    `weights`. ',' and '=' and a ':number' ending are the grammar's: a path holding them cannot be named here
+    (a symlink can). Every error is one line."""
+
+    def refuse_path(path: str, what: str):
+        fail(
+            f"{flag} {path!r}: a path {what} cannot be given ({flag} takes {GRAMMAR}): give a symlink to it "
+            f"whose path has no ',' or '=' and no ':number' ending (ln -s {path!r} data.jsonl)"
+        )
+
+    def special(path: str) -> str | None:
+        for char in (",", "="):
+            if char in path:
+                return f"containing {char!r}"
+        return "ending in ':number'" if WEIGHT_END.search(path) else None
+
+    # An existing file whose path the grammar would take apart: said so, not read as something else.
+    if (what := special(spec)) and Path(spec).exists():
+        refuse_path(spec, what)
+    sources: list[Source] = []
+    for entry in spec.split(","):
+        if not entry:
+            fail(f"{flag} {spec!r}: an empty entry ({flag} takes {GRAMMAR})")
+        if (what := special(entry)) and Path(entry).exists():
+            refuse_path(entry, what)
+        name, path = "", entry
+        if "=" in entry:
+            name, _, path = entry.partition("=")
+            if "=" in path:
+                refuse_path(entry, "containing '='")
+            if not SOURCE_NAME.fullmatch(name):
+                fail(
+                    f"{flag} entry {entry!r}: NAME {name!r} is not a name (letters, digits, '_', '.', '+', '-'); "
+                    "a path containing '=' cannot be given: give a symlink to it"
+                )
+        weight = None
+        if match := WEIGHT_END.search(path):
+            if not weights:
+                fail(
+                    f"{flag} entry {entry!r}: a weight (':{match[1]}') is for --data-path only; a path ending in "
+                    "':number' cannot be given: give a symlink to it"
+                )
+            weight, path = float(match[1]), path[: match.start()]
+            if not (math.isfinite(weight) and weight > 0):
+                fail(f"{flag} entry {entry!r}: the weight must be a finite number > 0, got {match[1]}")
+        if not path:
+            fail(f"{flag} entry {entry!r}: no PATH ({flag} takes {GRAMMAR})")
+        name = name or Path(path).stem
+        if same := next((s for s in sources if s.name == name), None):
+            fail(
+                f"{flag}: two sources named {name!r} ({same.path}, {path}): name them, e.g. "
+                f"{name}_1={same.path},{name}_2={path}"
+            )
+        sources.append(Source(name, path, weight))
+    return sources
+
+
+@dataclass
+class Sources:
+    """The run's training sources, concatenated in the order given: sample i of source k is the run's sample
+    starts[k] + i. Several with a weight given: a mixture, drawn by weight (sampler.MixtureSampler); several without:
+    one dataset, drawn as one (today's behaviour for one file)."""
+
+    names: list[str]
+    counts: list[int]  # samples kept of each source (after any --validation-split)
+    weights: list[float] | None  # a mixture's, an unweighted source counting 1; None: not a mixture
+    fingerprints: list[str]  # each source's TokenizedData.fingerprint()
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def fingerprint(self) -> str:
+        """One source: its data's own fingerprint (a run of one file is today's run, whose checkpoints resume).
+        Several: every source's, in order (another source, or another order, is other data)."""
+        if len(self.fingerprints) == 1:
+            return self.fingerprints[0]
+        return hashlib.sha256(json.dumps(self.fingerprints).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """name samples[:weight], ..., for the console."""
+        weights = self.weights or [None] * len(self.names)
+        return ", ".join(
+            f"{n} {c}" + (f":{w:g}" if w is not None else "") for n, c, w in zip(self.names, self.counts, weights)
+        ) + ("" if self.weights else "; concatenated")
+
+    def settings(self) -> dict:
+        """What a resume must repeat beyond the fingerprint: several sources' weights (None: concatenated)."""
+        return {"data_weights": self.weights} if len(self.names) > 1 else {}
+
+    @staticmethod
+    def of(sources: list[Source], parts: list[TokenizedData]) -> "Sources":
+        weighted = len(sources) > 1 and any(s.weight is not None for s in sources)
+        return Sources(
+            names=[s.name for s in sources],
+            counts=[len(p) for p in parts],
+            weights=[s.weight or 1.0 for s in sources] if weighted else None,
+            fingerprints=[p.fingerprint() for p in parts],
+        )

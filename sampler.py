@@ -18,6 +18,7 @@ the world size. Loading is dataset.py; packing, collating and the prefetch threa
 """
 
 import base64
+import math
 
 import numpy as np
 
@@ -148,13 +149,110 @@ class LossAwareSampler:
         self.losses, self.steps, self.drawn = losses.copy(), state["steps"], state["drawn"]
 
 
-# --sampler's choices: the one place a sampler is named. A saved state says which wrote it by its "kind" (none:
-# uniform, as every checkpoint saved before samplers had kinds).
-SAMPLERS = {"uniform": GlobalSampler, "loss-aware": LossAwareSampler}
+class MixtureSampler:
+    """A data mixture: each step's global batch drawn from several sources by weight. Step t splits its count among
+    the sources by one multinomial draw from a seeded stream of its own, (seed, 0, t), with probabilities weight /
+    sum of weights; each source is walked like GlobalSampler, a fresh permutation per pass over it from
+    (seed, 1 + source, pass). Sources are contiguous in the run's data (dataset.concat_samples): source k's sample
+    i is starts[k] + i. Identical on every rank; exact on resume: the state is the step count and each source's
+    position (its pass and offset)."""
+
+    observes = False
+
+    def __init__(self, counts: list[int], weights: list[float], seed: int):
+        self.counts, self.weights, self.seed = [int(c) for c in counts], [float(w) for w in weights], seed
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.probabilities = np.asarray(self.weights) / sum(self.weights)
+        self.steps = 0
+        self.passes, self.offsets = [0] * len(counts), [0] * len(counts)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (pass, its permutation)
+
+    @property
+    def drawn(self) -> list[int]:
+        """Samples drawn from each source so far."""
+        return [p * n + o for p, n, o in zip(self.passes, self.counts, self.offsets)]
+
+    @property
+    def epoch(self) -> int:
+        """Passes over the whole data (every source's samples once): what --max-epochs counts."""
+        return sum(self.drawn) // sum(self.counts)
+
+    def split(self, count: int) -> np.ndarray:
+        """How many of the next step's `count` samples each source gives."""
+        return np.random.default_rng([self.seed, 0, self.steps]).multinomial(count, self.probabilities)
+
+    def walk(self, source: int, count: int) -> np.ndarray:
+        """The source's next `count` samples (indices within it), running on into its next pass."""
+        out, n = [], self.counts[source]
+        while count > 0:
+            this_pass = self.passes[source]
+            if self._perms.get(source, (-1,))[0] != this_pass:
+                perm = np.random.default_rng([self.seed, 1 + source, this_pass]).permutation(n)
+                self._perms[source] = (this_pass, perm)
+            take = min(count, n - self.offsets[source])
+            out.append(self._perms[source][1][self.offsets[source] : self.offsets[source] + take])
+            self.offsets[source] += take
+            count -= take
+            if self.offsets[source] == n:
+                self.passes[source], self.offsets[source] = this_pass + 1, 0
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def next_indices(self, count: int) -> np.ndarray:
+        """The next step's samples: each source's share, in source order."""
+        parts = [self.walk(k, int(c)) + self.starts[k] for k, c in enumerate(self.split(count))]
+        self.steps += 1
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "mixture",
+            "seed": self.seed,
+            "counts": list(self.counts),
+            "weights": list(self.weights),
+            "steps": self.steps,
+            "passes": list(self.passes),
+            "offsets": list(self.offsets),
+        }
+
+    @staticmethod
+    def check_state(state: dict):
+        fields = ("kind", "seed", "counts", "weights", "steps", "passes", "offsets")
+        if sorted(state) != sorted(fields) or state["kind"] != "mixture":
+            raise ValueError(f"mixture sampler state fields {sorted(state)}, expected {list(fields)}")
+        for name in ("seed", "steps"):
+            if type(state[name]) is not int or state[name] < 0:
+                raise ValueError(f"sampler {name} {state[name]!r} is not a count")
+        lists = [state[name] for name in ("counts", "weights", "passes", "offsets")]
+        if not all(isinstance(x, list) for x in lists) or len({len(x) for x in lists}) != 1 or not state["counts"]:
+            raise ValueError("mixture sampler counts, weights, passes and offsets are not lists of one length")
+        for name in ("counts", "passes", "offsets"):
+            if not all(type(x) is int and x >= 0 for x in state[name]):
+                raise ValueError(f"mixture sampler {name} {state[name]!r} are not counts")
+        if not all(type(w) is float and math.isfinite(w) and w > 0 for w in state["weights"]):
+            raise ValueError(f"mixture sampler weights {state['weights']!r} are not numbers > 0")
+        if not all(0 <= o < n for o, n in zip(state["offsets"], state["counts"])):
+            raise ValueError(f"mixture sampler offsets {state['offsets']} are outside their sources {state['counts']}")
+
+    def load_state_dict(self, state: dict):
+        self.check_state(state)
+        saved = (state["seed"], state["counts"], state["weights"])
+        if saved != (self.seed, self.counts, self.weights):
+            raise ValueError(f"sampler state is for (seed, source counts, weights) {saved}, not this run's")
+        self.steps, self.passes, self.offsets = state["steps"], list(state["passes"]), list(state["offsets"])
 
 
-def build_sampler(cfg, num_samples: int):
-    """--sampler's sampler over the run's samples."""
+# Every sampler by the "kind" its saved state names (none: uniform, as every checkpoint saved before samplers had
+# kinds): the one place a sampler is named. --sampler chooses among CHOICES; a mixture is chosen by weights in
+# --data-path.
+SAMPLERS = {"uniform": GlobalSampler, "loss-aware": LossAwareSampler, "mixture": MixtureSampler}
+CHOICES = ("uniform", "loss-aware")
+
+
+def build_sampler(cfg, num_samples: int, sources=None):
+    """The run's sampler over its samples: a mixture where `sources` (dataset.Sources) has weights, else
+    --sampler's."""
+    if sources is not None and sources.weights is not None:
+        return MixtureSampler(sources.counts, sources.weights, cfg.seed)
     if cfg.sampler == "loss-aware":
         return LossAwareSampler(num_samples, cfg.seed, cfg.loss_aware_power, cfg.loss_aware_uniform)
     return GlobalSampler(num_samples, cfg.seed)
@@ -166,3 +264,19 @@ def check_state(state: dict):
     if kind not in SAMPLERS:
         raise ValueError(f"sampler kind {kind!r} is none of {', '.join(SAMPLERS)}")
     SAMPLERS[kind].check_state(state)
+
+
+def drawn_per_source(state: dict, counts: list[int]) -> np.ndarray:
+    """Samples drawn from each source (counts: each one's samples, contiguous in the run's data) by a saved sampler
+    state: the state after the last finished step, {} before the first. A mixture's from its walks; the uniform
+    sampler's over the sources concatenated from its position in its permutation."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not state:
+        return np.zeros(len(counts), np.int64)
+    if state.get("kind") == "mixture":
+        return np.asarray(state["passes"]) * counts + np.asarray(state["offsets"])
+    if "kind" in state:
+        raise ValueError(f"the {state['kind']} sampler does not tell samples drawn per source")
+    done = GlobalSampler(state["num_samples"], state["seed"]).permutation(state["epoch"])[: state["offset"]]
+    source_of = np.repeat(np.arange(len(counts)), counts)
+    return state["epoch"] * counts + np.bincount(source_of[done], minlength=len(counts))

@@ -109,34 +109,45 @@ def resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_st
 
 
 def load_data(cfg: TrainConfig, model_config):
-    """The training samples and the validation samples (None without validation), checked against the model."""
+    """The training samples (every --data-path source, concatenated in order), the validation sets as
+    [(name, samples)] (none without validation) and the training sources (dataset.Sources), checked against the
+    model. --validation-split holds out that fraction of each source, one set per source."""
     import numpy as np
 
-    from dataset import load_tokenized, select_samples
+    from dataset import Sources, concat_samples, load_tokenized, parse_sources, select_samples
 
-    def load(path):
+    def load(path, flag):
         return load_tokenized(
             path,
             cfg.max_tokens_per_gpu,
             model_config.vocab_size,
             max_positions=getattr(model_config.get_text_config(), "max_position_embeddings", None),
             drop_overlong=cfg.drop_overlong_samples,
+            flag=flag,
         )
 
-    data = load(cfg.data_path)
-    val = load(cfg.validation_data_path) if cfg.validation_data_path else None
+    sources = parse_sources(cfg.data_path, "--data-path")
+    parts = [load(s.path, "--data-path") for s in sources]
+    val_sets = []
+    if cfg.validation_data_path:
+        specs = parse_sources(cfg.validation_data_path, "--validation-data-path", weights=False)
+        val_sets = [(s.name, load(s.path, "--validation-data-path")) for s in specs]
     if cfg.validation_split is not None:
-        count = max(1, round(cfg.validation_split * len(data)))
-        if count >= len(data):
-            fail(
-                f"--validation-split {cfg.validation_split} leaves no training sample of the {len(data)} in {cfg.data_path}"
-            )
-        held_out = np.zeros(len(data), dtype=bool)
-        held_out[np.random.default_rng(cfg.seed).permutation(len(data))[:count]] = True  # by seed, reproducible
-        data, val = select_samples(data, ~held_out), select_samples(data, held_out)
-    if val is not None and val.num_loss_counted_tokens.sum() == 0:
-        fail("the validation samples have no labelled token to measure val_loss on")
-    return data, val
+        for k, (source, data) in enumerate(zip(sources, parts)):
+            count = max(1, round(cfg.validation_split * len(data)))
+            if count >= len(data):
+                fail(
+                    f"--validation-split {cfg.validation_split} leaves no training sample of the {len(data)} in "
+                    f"{source.path}"
+                )
+            held_out = np.zeros(len(data), dtype=bool)
+            held_out[np.random.default_rng(cfg.seed).permutation(len(data))[:count]] = True  # by seed, reproducible
+            parts[k] = select_samples(data, ~held_out)
+            val_sets.append((source.name, select_samples(data, held_out)))
+    for name, val in val_sets:
+        if val.num_loss_counted_tokens.sum() == 0:
+            fail(f"the validation samples ({name}) have no labelled token to measure val_loss on")
+    return concat_samples(parts), val_sets, Sources.of(sources, parts)
 
 
 def train_minibatch(model, mb, scale: float, sums, device):
@@ -199,7 +210,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     import checkpoint
     import run_folder
     import setup_model
-    from batch_metrics import MetricsLog, tracking
+    from batch_metrics import MetricsLog, SourceMetrics, tracking
     from sampler import build_sampler
     from validation import Validation
 
@@ -207,23 +218,25 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
     torch.manual_seed(cfg.seed)
 
-    data, val_data = load_data(cfg, model_config)
+    data, val_sets, sources = load_data(cfg, model_config)
     if cfg.batch_size > len(data):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
     optimizer = setup_model.build_optimizer(cfg, model, dist.device)
-    sampler = build_sampler(cfg, len(data))
-    # Per-sample losses: what a sampler that observes sees, and what the loss quantiles are made of.
-    per_sample = sampler.observes or cfg.log_loss_quantiles
+    sampler = build_sampler(cfg, len(data), sources)
+    # Per-sample losses: what a sampler that observes sees, the loss quantiles and each source's loss are made of.
+    per_sample = sampler.observes or cfg.log_loss_quantiles or len(sources.names) > 1
     if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES:
         fail(
-            f"--sampler {cfg.sampler} / --log-loss-quantiles need per-sample losses, which --loss {cfg.loss} does not give"
+            f"--sampler {cfg.sampler} / --log-loss-quantiles / several --data-path sources need per-sample losses, "
+            f"which --loss {cfg.loss} does not give"
         )
-    settings = resume_settings(cfg, checkpoint.run_identity(model_config, data))
+    settings = resume_settings(cfg, checkpoint.run_identity(model_config, sources)) | sources.settings()
     pad_id = model_config.pad_token_id or 0
     log(
         f"data: {len(data)} samples, {int(data.lengths.sum())} tokens; world size {dist.world_size}"
-        + (f"; validation: {len(val_data)} samples" if val_data is not None else "")
+        + (f"; sources ({sources.describe()})" if len(sources.names) > 1 else "")
+        + (f"; validation: {', '.join(f'{n} {len(v)}' for n, v in val_sets)} samples" if val_sets else "")
     )
     # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
     given = find_start(cfg, Path(cfg.output_dir), dist, sampler, settings, len(data)) if cfg.resume_from else None
@@ -233,9 +246,10 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
         found, num_steps = given or find_start(cfg, out.path, dist, sampler, settings, len(data))
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
-        validation = Validation(val_data, cfg, dist, pad_id, num_steps, model.packing)
+        validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing)
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
+        per_source = SourceMetrics(sources, state.sampler) if len(sources.names) > 1 else None
         params = training_params(cfg, dist)
         out.record_launch(params, state.step)
         with (
@@ -258,6 +272,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
                     saver,
                     validation,
                     metrics,
+                    per_source,
                 )  # fmt: skip
             )
 
@@ -279,6 +294,7 @@ class Run:
     saver: Any  # checkpoint.Saver
     validation: Any  # validation.Validation
     metrics: Any  # batch_metrics.MetricsLog
+    per_source: Any = None  # batch_metrics.SourceMetrics where there are several sources (per_sample is set then)
 
 
 def train_steps(run: Run) -> str:
@@ -325,20 +341,21 @@ def train_steps(run: Run) -> str:
                 batch.sampler_state = run.sampler.state_dict()
                 steps.observed()
             state.advance(batch)
-            metrics.write(
-                step_metrics(
-                    step=step,
-                    batch=batch,
-                    lr=lr,
-                    loss=loss,
-                    grad_norm=grad_norm,
-                    time_per_step=step_timer.elapsed(),
-                    state=state,
-                    device=dist.device,
-                    sample_losses=sample_losses if cfg.log_loss_quantiles else None,
-                    sample_targets=sample_targets,
-                )
+            row = step_metrics(
+                step=step,
+                batch=batch,
+                lr=lr,
+                loss=loss,
+                grad_norm=grad_norm,
+                time_per_step=step_timer.elapsed(),
+                state=state,
+                device=dist.device,
+                sample_losses=sample_losses if cfg.log_loss_quantiles else None,
+                sample_targets=sample_targets,
             )
+            if run.per_source is not None:  # each source's loss, tokens and passes
+                row |= run.per_source.row(batch.indices, sample_losses, sample_targets, run.data.lengths)
+            metrics.write(row)
             if validation.due(state.step):
                 validate(validation, model, optimizer, state, metrics, saver)
             if preempted := saver.maybe_save(model, optimizer, state):

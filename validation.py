@@ -1,5 +1,5 @@
-"""Held-out sets: val_loss measured exactly like the training loss (packed the same way, the exact token-weighted
-mean over the whole set across ranks), without gradients, every N steps and at the end."""
+"""Held-out sets: val_loss of each measured exactly like the training loss (packed the same way, the exact
+token-weighted mean over the whole set across ranks), without gradients, every N steps and at the end."""
 
 import contextlib
 import math
@@ -9,24 +9,27 @@ from utils import Timer, UserError
 
 
 class Validation:
-    """val_loss: the exact token-weighted mean over the whole held-out set across ranks, packed and computed like
-    the training loss, without gradients. Due every `every` steps and at the end."""
+    """val_loss of each held-out set: the exact token-weighted mean over the whole set across ranks, packed and
+    computed like the training loss, without gradients. Due every `every` steps and at the end. `sets`: [(name,
+    samples)], none without validation. One set: today's row (`val_loss`, `val_num_loss_counted_tokens`). Several:
+    `val_loss/NAME` and `val_num_loss_counted_tokens/NAME` for each, and `val_loss` is the first set's."""
 
-    def __init__(self, data, cfg, dist, pad_id: int, num_steps: int | None, packing):
+    def __init__(self, sets, cfg, dist, pad_id: int, num_steps: int | None, packing):
         import numpy as np
 
-        self.data, self.dist, self.pad_id = data, dist, pad_id
-        # The held-out set never changes: pack it once, this rank's minibatches of sample indices.
-        self.plan = (
+        self.sets, self.dist, self.pad_id = list(sets), dist, pad_id
+        # The held-out sets never change: pack each once, this rank's minibatches of sample indices.
+        self.plans = [
             packing.plan(data, np.arange(len(data)), cfg.max_tokens_per_gpu, dist.world_size)[dist.rank]
-            if data is not None
-            else []
-        )
+            for _, data in self.sets
+        ]
         self.every = cfg.validation_frequency or (math.ceil(num_steps / 10) if num_steps else None)
         self.last_step = None
+        # The set --keep-best-checkpoint watches (--best-checkpoint-set; default: the first).
+        self.watched = getattr(cfg, "best_checkpoint_set", None) or (self.sets[0][0] if self.sets else None)
 
     def due(self, step: int, final: bool = False) -> bool:
-        if self.data is None or step == self.last_step or step == 0:
+        if not self.sets or step == self.last_step or step == 0:
             return False
         return final or (self.every is not None and step % self.every == 0)
 
@@ -38,30 +41,35 @@ class Validation:
         from utils import all_reduce_sum
 
         timer, device = Timer(), self.dist.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sums = torch.zeros(len(self.sets), dtype=torch.float64, device=device)
         model.eval()
         with torch.no_grad():
-            for indices in self.plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
-                loss_sum += model(**collate(self.data, indices, self.pad_id).inputs(device)).total
+            for k, ((_, data), plan) in enumerate(zip(self.sets, self.plans)):
+                for indices in plan:  # every rank runs as many minibatches (some empty): FSDP's collectives line up
+                    loss_sums[k] += model(**collate(data, indices, self.pad_id).inputs(device)).total
         model.train()
         setup_model.reshard(model)  # a no-grad forward leaves FSDP's root gathered: the optimizer needs the shards
-        num_tokens = int(self.data.num_loss_counted_tokens.sum())
-        val_loss = float(all_reduce_sum(loss_sum[None])[0]) / num_tokens
+        loss_sums = all_reduce_sum(loss_sums)
+        counts = [int(data.num_loss_counted_tokens.sum()) for _, data in self.sets]
+        losses = [float(loss_sums[k]) / counts[k] for k in range(len(self.sets))]
         self.last_step = step
-        return {
-            "step": step,
-            "val_loss": val_loss,
-            "val_num_loss_counted_tokens": num_tokens,
-            "val_time": timer.elapsed(),
-            "timestamp": time.time(),
-        }
+        row = {"step": step, "val_loss": losses[0], "val_num_loss_counted_tokens": counts[0]}
+        if len(self.sets) > 1:
+            for (name, _), loss, count in zip(self.sets, losses, counts):
+                row |= {f"val_loss/{name}": loss, f"val_num_loss_counted_tokens/{name}": count}
+        return row | {"val_time": timer.elapsed(), "timestamp": time.time()}
+
+    def watched_loss(self, row: dict) -> float:
+        """The val_loss --keep-best-checkpoint compares."""
+        return row["val_loss"] if len(self.sets) == 1 else row[f"val_loss/{self.watched}"]
 
 
 def validate(validation, model, optimizer, state, metrics, saver):
-    """Measure val_loss, log it as its own row, and let --keep-best-checkpoint save an improvement."""
+    """Measure val_loss, log it as its own row, and let --keep-best-checkpoint save an improvement of the watched
+    set's."""
     row = validation.run(model, state.step)
     metrics.write_validation(row)
-    saver.note_validation(row["val_loss"], model, optimizer, state)
+    saver.note_validation(validation.watched_loss(row), model, optimizer, state, validation.watched)
 
 
 def val_loss_logged(dist, output_dir, step: int) -> bool:

@@ -75,7 +75,7 @@ def test_val_loss_is_the_exact_mean_on_one_rank_from_a_thread(qwen_dir, data_pat
     worker = threading.Thread(target=lambda: errors.append(train.train(cfg)))
     worker.start()
     worker.join()
-    assert errors == [None]
+    assert errors == ["finished"]  # how the run ended (train() returns it)
     check_val_rows(out, data_paths, [2, 4, 5])
     assert not (out / run_folder.LOCK_FILE).exists()
     cfg.resume = True  # nothing left to do: no step and no val_loss row twice
@@ -110,12 +110,13 @@ def test_val_loss_on_two_ranks_through_launch(qwen_dir, data_paths, tmp_path):
 
 def test_the_split_is_held_out_by_seed_and_errors_raise(qwen_dir, data_paths, tmp_path):
     cfg = config(qwen_dir, data_paths[0], tmp_path / "o", validation_split=0.25, max_steps=1)
-    data, val = train.load_data(cfg, SimpleNamespace(vocab_size=4000, get_text_config=lambda: None))
+    data, [(name, val)], _ = train.load_data(cfg, SimpleNamespace(vocab_size=4000, get_text_config=lambda: None))
+    assert name == "data"  # the held-out set is named by its source (the file's stem)
     everything = len(data) + len(val)
     assert len(val) == round(0.25 * everything) and int(data.lengths.sum() + val.lengths.sum()) == sum(
         len(json.loads(line)["input_ids"]) for line in open(data_paths[0]) if json.loads(line)["len"] <= CAP_SMALL
     )
-    again, val_again = train.load_data(cfg, SimpleNamespace(vocab_size=4000, get_text_config=lambda: None))
+    again, [(_, val_again)], _ = train.load_data(cfg, SimpleNamespace(vocab_size=4000, get_text_config=lambda: None))
     assert (val_again.input_ids == val.input_ids).all() and data.fingerprint() == again.fingerprint()
     with pytest.raises(UserError, match="--validation-data-path and --validation-split conflict"):
         train.train(config(qwen_dir, data_paths[0], tmp_path / "o", validation_split=0.2, validation_data_path="x"))
