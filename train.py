@@ -64,7 +64,7 @@ def training_params(cfg: TrainConfig, dist) -> dict:
     }
 
 
-def find_start(cfg, output_dir: Path, dist, sampler, settings: dict, num_samples: int):
+def find_start(cfg, output_dir: Path, dist, settings: dict, num_samples: int):
     """With --resume/--resume-from: the checkpoint to start from (its settings checked), else None; and the run's
     length in steps from there, which must reach the checkpoint's step."""
     import checkpoint
@@ -239,11 +239,11 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
         + (f"; validation: {', '.join(f'{n} {len(v)}' for n, v in val_sets)} samples" if val_sets else "")
     )
     # --resume-from's checkpoint is checked now, before --overwrite may delete the folder's run for it.
-    given = find_start(cfg, Path(cfg.output_dir), dist, sampler, settings, len(data)) if cfg.resume_from else None
+    given = find_start(cfg, Path(cfg.output_dir), dist, settings, len(data)) if cfg.resume_from else None
     # Until here the run only read: the output folder is made and locked now, and a failure before the first
     # finished step removes what the run created.
     with run_folder.claimed_output_dir(cfg, dist) as out:
-        found, num_steps = given or find_start(cfg, out.path, dist, sampler, settings, len(data))
+        found, num_steps = given or find_start(cfg, out.path, dist, settings, len(data))
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
         validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing)

@@ -101,7 +101,7 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_no_tracker_folder(qwen_
     def out_of_memory(*args):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(train, "forward_loss_sum", out_of_memory)
+    monkeypatch.setattr(train, "train_minibatch", out_of_memory)
     argv = [
         "--model-name-or-path", qwen_dir, "--data-path", data, "--output-dir", out, "--batch-size", 4,
         "--max-tokens-per-gpu", CAP_SMALL, "--max-steps", 2, "--wandb-project", "leantrain-test",
