@@ -317,7 +317,7 @@ class TrainConfig:
         """--optimizer and its hyper-parameters (the betas, eps and weight decay are checked with the others)."""
         import torch
 
-        from setup_model import OPTIMIZERS  # here, not at import: --help stays fast
+        from optimizers import OPTIMIZERS  # here, not at import: --help stays fast
 
         if self.optimizer not in OPTIMIZERS:
             fail(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")

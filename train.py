@@ -88,7 +88,7 @@ def find_start(cfg, output_dir: Path, dist, settings: dict, num_samples: int):
 def resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps):
     """The checkpoint's state, loaded (a fresh TrainState at step 0 when `found` is None)."""
     import checkpoint
-    import setup_model
+    import optimizers
 
     if found is None:
         return checkpoint.TrainState()
@@ -96,10 +96,10 @@ def resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_st
     state = checkpoint.load(path, meta, model, optimizer, sampler, dist)
     saver.resumed(meta, state)
     # The lr of step t is the schedule of this launch's length at t (a longer run changes the curve from here on).
-    setup_model.move_scheduler_to(scheduler, state.step)
+    optimizers.move_scheduler_to(scheduler, state.step)
     log(f"resumed from {path} at step {state.step} ({state.samples_seen} samples seen)")
     if meta["num_steps"] != num_steps:
-        old_lr = setup_model.lr_at(cfg, meta["num_steps"], state.step)
+        old_lr = optimizers.lr_at(cfg, meta["num_steps"], state.step)
         log(
             f"the run length changed ({meta['num_steps']} -> {num_steps} steps): step {state.step + 1} uses lr "
             f"{scheduler.get_last_lr()[0]:.4g} (the checkpoint's schedule: {old_lr:.4g})"
@@ -187,12 +187,13 @@ def train(cfg: TrainConfig) -> str:
     or file raises utils.UserError; the output-folder lock and the process group are released on any exit.
     Returns how the run ended: "finished" (its length reached, or none set and the data ran out) or
     "saved-on-signal" (SIGTERM/SIGUSR1: checkpoint saved, more to do)."""
+    import optimizers
     import run_folder
     import setup_model
     from utils import check_can_create, destroy_distributed, init_distributed
 
     cfg.validate()
-    setup_model.check_scheduler(cfg)
+    optimizers.check_scheduler(cfg)
     check_can_create(Path(cfg.output_dir), f"--output-dir {cfg.output_dir}")
     run_folder.check_output_dir(cfg)
     model_config = setup_model.check_model_path(cfg.model_name_or_path)
@@ -208,6 +209,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     import torch
 
     import checkpoint
+    import optimizers
     import run_folder
     import setup_model
     from batch_metrics import MetricsLog, SourceMetrics, tracking
@@ -222,7 +224,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     if cfg.batch_size > len(data):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
     model = setup_model.setup_model(cfg, dist, model_config)
-    optimizer = setup_model.build_optimizer(cfg, model, dist.device)
+    optimizer = optimizers.build_optimizer(cfg, model, dist.device)
     sampler = build_sampler(cfg, len(data), sources)
     # Per-sample losses: what a sampler that observes sees, the loss quantiles and each source's loss are made of.
     per_sample = sampler.observes or cfg.log_loss_quantiles or len(sources.names) > 1
@@ -245,7 +247,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     with run_folder.claimed_output_dir(cfg, dist) as out:
         found, num_steps = given or find_start(cfg, out.path, dist, settings, len(data))
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
-        scheduler = setup_model.build_scheduler(cfg, optimizer, num_steps)
+        scheduler = optimizers.build_scheduler(cfg, optimizer, num_steps)
         validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing)
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)

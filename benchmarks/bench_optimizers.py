@@ -7,12 +7,15 @@ data order for every run: 10% held out (`--validation-split 0.1`), `val_loss` me
 lr after 5 warmup steps. Each optimizer at each peak lr (muon: `--muon-learning-rate` = `--learning-rate`, scaled by
 the default `--muon-adjust-lr match_rms_adamw`), plus Muon with Keller Jordan's rule (`original`) at its usual 0.02;
 one process per run, 1 rank. Reported: val_loss at steps/4, /2, 3/4 and N, the train loss (mean of the last 10
-steps), the median time per step over steps 3..N; then, at the first lr, the time per step on 2 ranks (torchrun, one
-thread each) and the optimizer step alone (median of 20 steps with fixed gradients, one process).
+steps), the median time per step over steps 3..N. Then time alone, at the first lr: 20-step runs of AdamW and Muon
+taking turns, `--repeats` times each, on 1 rank and on 2 (torchrun, one thread each), the best run's median time per
+step; and the optimizer step alone (fixed gradients, best of 50, one process). Best-of: on a shared machine other
+processes only ever add time.
 """
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,10 +41,16 @@ def sh(*args) -> str:
     return r.stdout
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(model, data, out, steps, batch_size, optimizer_flags, nproc=1) -> dict:
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", 29534]
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", nproc, "--master-port", free_port()]
     sh(*launcher, ROOT / "train.py", "--model-name-or-path", model, "--data-path", data, "--output-dir", out,
        "--batch-size", batch_size, "--max-tokens-per-gpu", 8192, "--max-steps", steps, "--seed", 0,
        "--validation-split", 0.1, "--validation-frequency", steps // 4, "--num-warmup-steps", 5,
@@ -60,6 +69,7 @@ def optimizer_step(model: Path, optimizer: str, learning_rate: float, result: Pa
     """The optimizer step alone: the tiny model set up as train.py sets it up (FSDP2, 1 rank), fixed gradients."""
     import torch
 
+    import optimizers
     import setup_model
     from config import TrainConfig
     from utils import init_distributed
@@ -70,16 +80,16 @@ def optimizer_step(model: Path, optimizer: str, learning_rate: float, result: Pa
         compute_dtype="float32", optimizer=optimizer, learning_rate=learning_rate,
     )  # fmt: skip
     net = setup_model.setup_model(cfg, dist, setup_model.check_model_path(str(model)))
-    opt = setup_model.build_optimizer(cfg, net, dist.device)
+    opt = optimizers.build_optimizer(cfg, net, dist.device)
     grads = [torch.randn_like(p) * 1e-3 for p in net.parameters()]
     times = []
-    for _ in range(23):
+    for _ in range(53):
         for p, g in zip(net.parameters(), grads):
             p.grad = g.clone()
         start = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - start)
-    result.write_text(json.dumps({"step_s": statistics.median(times[3:])}))
+    result.write_text(json.dumps({"step_s": min(times[3:])}))
 
 
 def step_alone(model: Path, optimizer: str, lr: float) -> float:
@@ -89,8 +99,9 @@ def step_alone(model: Path, optimizer: str, lr: float) -> float:
 
 
 @app.command()
-def compare(steps: int = 60, batch_size: int = 8, conversations: int = 400, lrs: str = "1e-3,3e-3"):
-    """Every optimizer at every lr: val_loss at equal steps and time per step; then 2 ranks and the step alone."""
+def compare(steps: int = 60, batch_size: int = 8, conversations: int = 400, lrs: str = "1e-3,3e-3", repeats: int = 3):
+    """Every optimizer at every lr: val_loss at equal steps and time per step; then time alone (1 and 2 ranks, the
+    optimizer step)."""
     rates = [float(x) for x in lrs.split(",")]
     configs = [(f"adamw    lr {lr:g}", ["--learning-rate", lr]) for lr in rates]
     configs += [(f"muon     lr {lr:g}", ["--optimizer", "muon", "--learning-rate", lr]) for lr in rates]
@@ -111,11 +122,14 @@ def compare(steps: int = 60, batch_size: int = 8, conversations: int = 400, lrs:
         results = {
             name: run(model, data, work / f"run{i}", steps, batch_size, f) for i, (name, f) in enumerate(configs)
         }
-        two = {
-            name: run(model, data, work / f"two{i}", steps, batch_size, f, nproc=2)
-            for i, (name, f) in enumerate(configs[:: len(rates)][:2])
-        }
-        alone = {opt: step_alone(model, opt, rates[0]) for opt in ("adamw", "muon")}
+        timed = {(name, nproc): [] for name in ("adamw", "muon") for nproc in (1, 2)}
+        for i in range(repeats):
+            for (name, nproc), times in timed.items():
+                flags = ["--optimizer", name, "--learning-rate", rates[0]]
+                times.append(
+                    run(model, data, work / f"t{i}{name}{nproc}", 20, batch_size, flags, nproc)["time_per_step"]
+                )
+        alone = {opt: min(step_alone(model, opt, rates[0]) for _ in range(repeats)) for opt in ("adamw", "muon")}
 
     print(
         f"tiny Qwen2 (random init), {batch_size} conversations/step, {steps} steps, fp32, {os.cpu_count()} CPUs; "
@@ -126,10 +140,13 @@ def compare(steps: int = 60, batch_size: int = 8, conversations: int = 400, lrs:
     for name, r in results.items():
         vals = "".join(f"{r['val'][s]:9.3f}" for s in marks)
         print(f"{name:42}{vals}{r['train_loss']:9.3f}{r['time_per_step']:9.3f}")
-    for name, r in two.items():
-        print(f"2 ranks: {name:33} {r['time_per_step']:.3f} s/step, val@{marks[-1]} {r['val'][marks[-1]]:.3f}")
+    print(f"time per step, best of {repeats} 20-step runs (median over steps 3-20), lr {rates[0]:g}:")
+    for (name, nproc), times in timed.items():
+        print(
+            f"  {name:6} {nproc} rank{'s' if nproc > 1 else ' '}  {min(times):.3f} s/step   (all: {', '.join(f'{t:.3f}' for t in times)})"
+        )
     for opt, s in alone.items():
-        print(f"optimizer step alone (1 rank): {opt:6} {s * 1e3:6.1f} ms")
+        print(f"optimizer step alone, 1 rank, best of {repeats}x50: {opt:6} {s * 1e3:6.1f} ms")
 
 
 if __name__ == "__main__":

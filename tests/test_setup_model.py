@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import optimizers
 import setup_model
 import train
 from attention import PER_SEQUENCE, register_attention
@@ -102,9 +103,9 @@ def test_unusable_schedules_fail_before_any_heavy_work(flags, message):
     for name, value in flags.items():
         setattr(cfg, name, value)
     with pytest.raises(setup_model.UserError, match="^" + re.escape(message)):
-        setup_model.check_scheduler(cfg)
+        optimizers.check_scheduler(cfg)
     cfg.lr_scheduler, cfg.max_steps = "cosine", 5
-    setup_model.check_scheduler(cfg)
+    optimizers.check_scheduler(cfg)
 
 
 @pytest.mark.parametrize(
