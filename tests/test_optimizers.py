@@ -3,6 +3,7 @@ the rest, as one optimizer that the schedule, OSFT's after-step projection and D
 bit for bit after SIGKILL, gives on 2 ranks what it gives on 1 (with and without OSFT, whose invariants hold), and
 the choice is a setting a resume must repeat; a checkpoint from before the flag resumes as AdamW."""
 
+import inspect
 import json
 import math
 import signal
@@ -184,9 +185,9 @@ def train_in_process(*argv):
 
 @pytest.fixture(scope="module")
 def muon_run(qwen_dir, data_path, tmp_path_factory):
-    """6 Muon steps on one rank, a checkpoint every 2 steps."""
+    """5 Muon steps on one rank, a checkpoint every 2 steps."""
     out = tmp_path_factory.mktemp("muon") / "ref"
-    train_in_process(*args(qwen_dir, data_path, out, 6, "--optimizer", "muon", "--min-samples-per-checkpoint", 16))
+    train_in_process(*args(qwen_dir, data_path, out, 5, "--optimizer", "muon", "--min-samples-per-checkpoint", 16))
     return out
 
 
@@ -195,7 +196,7 @@ def test_muon_trains_and_resumes_exactly_after_sigkill(qwen_dir, data_path, muon
     assert losses[-1] < losses[0] - 0.5, losses
 
     out = tmp_path / "killed"
-    argv = args(qwen_dir, data_path, out, 6, "--optimizer", "muon", "--min-samples-per-checkpoint", 16)
+    argv = args(qwen_dir, data_path, out, 5, "--optimizer", "muon", "--min-samples-per-checkpoint", 16)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *map(str, argv)],
         cwd=ROOT,
@@ -208,11 +209,11 @@ def test_muon_trains_and_resumes_exactly_after_sigkill(qwen_dir, data_path, muon
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "hf_format/samples_48").exists(), "killed mid-run"
+    assert proc.returncode == -signal.SIGKILL and not (out / "hf_format/samples_40").exists(), "killed mid-run"
 
     train_in_process(*argv, "--resume")
     got, ref = metrics(out), metrics(muon_run)
-    assert [m["step"] for m in got] == list(range(1, 7))
+    assert [m["step"] for m in got] == list(range(1, 6))
     for a, b in zip(got, ref):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]  # bit for bit
     final, expected = final_weights(out), final_weights(muon_run)
@@ -222,17 +223,21 @@ def test_muon_trains_and_resumes_exactly_after_sigkill(qwen_dir, data_path, muon
 def test_sharded_muon_steps_are_the_unsharded_steps(tmp_path):
     """On 2 ranks, parameters sharded by rows as FSDP2 shards them (uneven too), the same gradients give torch's
     own Muon steps bit for bit: each rank orthogonalises the whole matrix and applies its rows."""
-    script = tmp_path / "sharded_muon.py"
-    script.write_text("from test_optimizers import sharded_muon_check\n\nsharded_muon_check()\n")
-    r = torchrun(script, nproc=2, extra_env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    script = tmp_path / "sharded_muon.py"  # the check alone: no test module imported (2 ranks start faster)
+    script.write_text(inspect.getsource(sharded_muon_check) + "\n\nsharded_muon_check()\n")
+    r = torchrun(script, nproc=2, extra_env={"PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and "sharded muon: equal" in r.stdout, r.stderr[-3000:]
 
 
 def sharded_muon_check():
-    """Run by test_sharded_muon_steps_are_the_unsharded_steps under torchrun (2 gloo ranks)."""
+    """Run by test_sharded_muon_steps_are_the_unsharded_steps under torchrun (2 gloo ranks), from its source."""
+    import torch
     import torch.distributed as dist
+    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    import optimizers
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -268,13 +273,13 @@ def assert_close_runs(got, ref, base):
 
 def test_two_ranks_equal_one(qwen_dir, data_path, muon_run, tmp_path):
     out = tmp_path / "two"
-    train(*args(qwen_dir, data_path, out, 6, "--optimizer", "muon"), nproc=2)
+    train(*args(qwen_dir, data_path, out, 5, "--optimizer", "muon"), nproc=2)
     assert_close_runs(out, muon_run, qwen_dir)
 
 
 def test_two_ranks_equal_one_with_osft_and_its_invariants_hold(qwen_dir, data_path, tmp_path):
-    train_in_process(*args(qwen_dir, data_path, tmp_path / "r1", 4, "--optimizer", "muon", *OSFT))
-    train(*args(qwen_dir, data_path, tmp_path / "r2", 4, "--optimizer", "muon", *OSFT), nproc=2)
+    train_in_process(*args(qwen_dir, data_path, tmp_path / "r1", 3, "--optimizer", "muon", *OSFT))
+    train(*args(qwen_dir, data_path, tmp_path / "r2", 3, "--optimizer", "muon", *OSFT), nproc=2)
     assert_close_runs(tmp_path / "r2", tmp_path / "r1", qwen_dir)
     before, after = load_file(qwen_dir / "model.safetensors"), final_weights(tmp_path / "r2")
     for name, w0 in before.items():
@@ -293,7 +298,7 @@ def test_two_ranks_equal_one_with_osft_and_its_invariants_hold(qwen_dir, data_pa
 # --- the choice is a setting a resume must repeat ---------------------------------------------------------------
 
 
-def resume_in_process(capfd, *argv):
+def main_in_process(capfd, *argv):
     import train as train_py
 
     capfd.readouterr()
@@ -308,9 +313,9 @@ def resume_in_process(capfd, *argv):
 
 def test_another_optimizer_on_resume_is_refused(qwen_dir, data_path, muon_run, tmp_path, capfd):
     checkpoint = muon_run / "full_state/samples_16"
-    code, _, err = resume_in_process(capfd, *args(qwen_dir, data_path, tmp_path / "a", 8, "--resume-from", checkpoint))
+    code, _, err = main_in_process(capfd, *args(qwen_dir, data_path, tmp_path / "a", 8, "--resume-from", checkpoint))
     assert code == 2 and "--optimizer adamw (checkpoint: muon)" in one_error_line(err)
-    code, _, err = resume_in_process(
+    code, _, err = main_in_process(
         capfd,
         *args(
             qwen_dir,
@@ -330,9 +335,9 @@ def test_another_optimizer_on_resume_is_refused(qwen_dir, data_path, muon_run, t
 
 def test_a_checkpoint_from_before_the_flag_resumes_as_adamw(qwen_dir, data_path, tmp_path, capfd):
     straight = tmp_path / "straight"
-    code, _, err = resume_in_process(capfd, *args(qwen_dir, data_path, straight, 3, "--min-samples-per-checkpoint", 8))
+    code, _, err = main_in_process(capfd, *args(qwen_dir, data_path, straight, 2, "--min-samples-per-checkpoint", 8))
     assert code == 0, err
-    old = straight / "full_state/samples_16"
+    old = straight / "full_state/samples_8"
     path = old / "trainer_state.json"
     meta = json.loads(path.read_text())
     new_flags = [name for name in meta["settings"] if name == "optimizer" or name.startswith("muon_")]
@@ -342,13 +347,13 @@ def test_a_checkpoint_from_before_the_flag_resumes_as_adamw(qwen_dir, data_path,
     path.write_text(json.dumps(meta))
     forge_manifest(old)  # intact by its manifest: as the code before the flag wrote it
 
-    code, _, err = resume_in_process(
-        capfd, *args(qwen_dir, data_path, tmp_path / "muon", 3, "--optimizer", "muon", "--resume-from", old)
+    code, _, err = main_in_process(
+        capfd, *args(qwen_dir, data_path, tmp_path / "muon", 2, "--optimizer", "muon", "--resume-from", old)
     )
     assert code == 2 and "--optimizer muon (checkpoint: adamw)" in one_error_line(err)
     resumed = tmp_path / "resumed"
-    code, out, err = resume_in_process(capfd, *args(qwen_dir, data_path, resumed, 3, "--resume-from", old))
-    assert code == 0 and f"resumed from {old} at step 2" in out, err
+    code, out, err = main_in_process(capfd, *args(qwen_dir, data_path, resumed, 2, "--resume-from", old))
+    assert code == 0 and f"resumed from {old} at step 1" in out, err
     assert [(m["loss"], m["grad_norm"]) for m in metrics(resumed)] == [
-        (m["loss"], m["grad_norm"]) for m in metrics(straight)[2:]
+        (m["loss"], m["grad_norm"]) for m in metrics(straight)[1:]
     ]
