@@ -87,6 +87,18 @@ def run(cmd, cwd, env, timeout) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def code_at(commit: str, folder: Path) -> Path:
+    """The repository's files at `commit` (git archive), unpacked into `folder`: to run the code from before a
+    change. Skips, saying why, without git or that history (a tarball, a shallow clone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs git and the history holding commit {commit} (a full clone)")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Run a repo script as a user would (a fresh interpreter); returns the CompletedProcess."""
     return run([sys.executable, *map(str, args)], cwd, cpu_env(env), timeout)

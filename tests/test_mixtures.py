@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from batch_metrics import SourceMetrics, Trackers, plot
-from conftest import ROOT, cpu_env, tokenized_conversations, torchrun
+from conftest import ROOT, code_at, cpu_env, tokenized_conversations, torchrun
 from dataset import Sources, load_tokenized, parse_sources
 from packing import collate
 from sampler import GlobalSampler, MixtureSampler, build_sampler, check_state, drawn_per_source
@@ -304,13 +304,7 @@ def test_a_single_bare_path_is_todays_run(files, qwen_dir, tmp_path):
     rows (losses, grad norms, the samples and tokens of every step: the data order), the same val_loss, the same
     saved settings (the data's fingerprint) and sampler state; today's code resumes the old run's checkpoint and
     goes on exactly as its own straight run."""
-    old = tmp_path / "old"
-    old.mkdir()
-    try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_MIXTURES], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError):  # a tarball or a shallow clone: say so, loudly
-        pytest.skip(f"needs git and the history holding commit {BEFORE_MIXTURES} (a full clone)")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    old = code_at(BEFORE_MIXTURES, tmp_path / "old")
 
     def flags(out, steps, *extra):
         argv = ["--model-name-or-path", qwen_dir, "--data-path", files["chat"], "--output-dir", out]

@@ -25,7 +25,7 @@ from test_checkpoint_trust import (  # noqa: F401, F811  (fixtures: run, data_pa
 
 import config
 import integrity
-from conftest import ROOT, cpu_env
+from conftest import ROOT, code_at, cpu_env
 
 # The last commit before the resume rules moved onto the flags: its checkpoints must resume after the change.
 BEFORE_RULES = "bbe4d4e"
@@ -72,13 +72,7 @@ def test_a_checkpoint_written_before_the_change_resumes(qwen_dir, data_path, tmp
     """The code of BEFORE_RULES (from git) trains 4 steps straight, and 2 steps then stops; today's code resumes
     the stopped run from its checkpoint and ends where the old code's straight run ended (a constant lr: the
     schedule follows each launch's length)."""
-    old = tmp_path / "old"
-    old.mkdir()
-    try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_RULES], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError):  # a tarball or a shallow clone: say so, loudly
-        pytest.skip(f"needs git and the history holding commit {BEFORE_RULES} (a full clone)")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    old = code_at(BEFORE_RULES, tmp_path / "old")
 
     def train_with(code_dir, out, steps, *extra):
         cmd = [
