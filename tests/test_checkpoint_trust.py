@@ -365,7 +365,7 @@ def test_a_failure_before_the_first_step_leaves_nothing(run, qwen_dir, data_path
     def broken(*args):
         fail("simulated failure in the first step")
 
-    monkeypatch.setattr(train, "forward_loss_sum", broken)
+    monkeypatch.setattr(train, "train_minibatch", broken)
     out = tmp_path / "new" / "run"
     code, stdout, err = run(*argv(qwen_dir, data_path, out))
     assert code == 2 and "simulated failure" in one_error_line(err)
