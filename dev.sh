@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two commands of a fresh clone; each does all the set-up it needs by itself:
 #   ./dev.sh demo [demo.py flags]    the tiny model learns to reverse digit strings (about 1.5 minutes on 2 CPU cores)
-#   ./dev.sh test [pytest flags]     the test suite (about 9 minutes on 2 CPU cores)
+#   ./dev.sh test [pytest flags]     the test suite (docs/REFERENCE.md#tests says its measured time)
 # and one for maintainers:
 #   ./dev.sh relock [pytest flags]   the suite on the newest releases pyproject.toml admits, in a fresh .venv-latest/;
 #                                    where it passes, requirements-dev.lock is rewritten from that environment
