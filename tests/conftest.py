@@ -99,6 +99,20 @@ def code_at(commit: str, folder: Path) -> Path:
     return folder
 
 
+def main_in_process(capfd, *argv):
+    """train.py's main in this process (fast: no interpreter start-up): (exit code, stdout, stderr)."""
+    import train
+
+    capfd.readouterr()
+    code = 0
+    try:
+        train.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Run a repo script as a user would (a fresh interpreter); returns the CompletedProcess."""
     return run([sys.executable, *map(str, args)], cwd, cpu_env(env), timeout)

@@ -3,6 +3,7 @@ on one folder, a fresh run into a used folder, changed settings on resume. One t
 per case; runs go through train.py's own main in-process (fast) except where a second process is the point."""
 
 import errno
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import checkpoint
 import integrity
 import run_folder
 import tiny_model
-from conftest import ROOT, cpu_env, tokenized_conversations
+from conftest import ROOT, cpu_env, main_in_process, tokenized_conversations
 from test_train import CAP_SMALL
 from utils import Dist, UserError
 
@@ -40,19 +41,7 @@ def argv(model, data, out, *extra, steps=STEPS):
 @pytest.fixture
 def run(capfd):
     """train.py's main in this process: run(*argv) -> (exit code, stdout, stderr)."""
-    import train
-
-    def run_main(*args):
-        capfd.readouterr()
-        code = 0
-        try:
-            train.main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code or 0
-        captured = capfd.readouterr()
-        return code, captured.out, captured.err
-
-    return run_main
+    return functools.partial(main_in_process, capfd)
 
 
 @pytest.fixture(scope="module")

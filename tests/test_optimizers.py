@@ -19,7 +19,7 @@ from torch import nn
 
 import config
 import optimizers
-from conftest import ROOT, cpu_env, run_script, setup, tokenized_conversations, torchrun
+from conftest import ROOT, cpu_env, main_in_process, run_script, setup, tokenized_conversations, torchrun
 from test_train import CAP_SMALL
 from utils import UserError
 
@@ -296,19 +296,6 @@ def test_two_ranks_equal_one_with_osft_and_its_invariants_hold(qwen_dir, data_pa
 
 
 # --- the choice is a setting a resume must repeat ---------------------------------------------------------------
-
-
-def main_in_process(capfd, *argv):
-    import train as train_py
-
-    capfd.readouterr()
-    code = 0
-    try:
-        train_py.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def test_another_optimizer_on_resume_is_refused(qwen_dir, data_path, muon_run, tmp_path, capfd):
