@@ -5,6 +5,7 @@ its own (`--attn-implementation`); both read the row's sequence boundaries from 
 passes through the model (`cu_seq_lens_q`, ...), as flash_attention_2 does.
 """
 
+import contextlib
 import inspect
 
 import torch
@@ -180,6 +181,22 @@ def flex_attention_trains_on(device) -> bool:
     except NotImplementedError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def mask_attention(lm):
+    """The model's own attention (sdpa or eager), which honours an attention mask, for forwards outside training
+    (OSFT's calibration, generation): leantrain's packed-row functions and flash-attn's varlen need the row's
+    sequence boundaries. The training implementation is restored on leaving."""
+    before, own = lm.config._attn_implementation, own_attention(lm.config)
+    if before == own:  # already (models that take no attention functions always are)
+        yield
+        return
+    lm.set_attn_implementation(own)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)
 
 
 def choose_attention(cfg, dist, config) -> str:

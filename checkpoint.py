@@ -500,6 +500,7 @@ class Saver:
                 "best": self.best,
                 "world_size": self.dist.world_size,
                 "model_name_or_path": self.cfg.model_name_or_path,
+                "osft_ranks": model.osft_ranks,  # the model's shape: a resume builds it with these
             }
             (tmp / TRAINER_STATE).write_text(json.dumps(meta, indent=2) + "\n")
             mine += [TRAINER_STATE, "dcp/.metadata"]

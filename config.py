@@ -9,6 +9,7 @@ from utils import fail
 
 LOSSES = ("auto", "chunked", "model", "liger")  # setup_model implements them (imported lazily: --help stays fast)
 MUON_ADJUST_LR = ("match_rms_adamw", "original")  # torch.optim.Muon's adjust_lr_fn
+OSFT_RANK_ALLOCATIONS = ("global", "importance")  # osft.target_ranks
 MAX_BATCH_SIZE = 2**24  # samples per step: far past any fine-tuning batch, short of exhausting memory on indices
 
 
@@ -202,6 +203,27 @@ class TrainConfig:
         "attention q/k/v/o and MLP gate/up/down projections.",
         resume=MATCH,
     )
+    osft_rank_allocation: str = option(
+        "global",
+        "OSFT: each target's frozen rank k. global: floor((1 - r) R) for every target. importance: from its "
+        "decoder layer's importance on --osft-calibration-data-path (input/output similarity, as in the paper), "
+        "the unfrozen directions of all targets together the fraction r. Chosen once: saved in checkpoints, reused "
+        "on resume.",
+        resume=MATCH,
+    )
+    osft_calibration_data_path: str | None = option(
+        None,
+        "OSFT importance: tokenized JSONL (process_data.py) of what the model should keep; up to its first 16,384 "
+        "tokens are used. Read only when the ranks are chosen (not on resume).",
+        resume=FREE,
+    )
+    osft_train_non_targets: bool = option(
+        True,
+        "OSFT: whether everything that is not a target (embeddings, LM head, norms, biases) trains beside the "
+        "targets' factors, or stays as loaded.",
+        ("--osft-train-non-targets/--osft-freeze-non-targets",),
+        resume=MATCH,
+    )
     # checkpoints
     save_dtype: str | None = option(
         None,
@@ -278,8 +300,17 @@ class TrainConfig:
                 fail(f"--{flag.replace('_', '-')} needs the {package} package: pip install -e '.[trackers]'")
         if self.osft and self.osft_unfreeze_rank_ratio is None:
             fail("--osft needs --osft-unfreeze-rank-ratio (the fraction of singular directions that train)")
-        if not self.osft and (self.osft_unfreeze_rank_ratio is not None or self.osft_target_patterns is not None):
-            fail("--osft-unfreeze-rank-ratio and --osft-target-patterns need --osft")
+        if (given := self.flags_given("osft_")) and not self.osft:
+            fail(f"{', '.join(given)} need --osft")
+        if self.osft_rank_allocation not in OSFT_RANK_ALLOCATIONS:
+            fail(
+                f"--osft-rank-allocation must be one of {', '.join(OSFT_RANK_ALLOCATIONS)}, got "
+                f"{self.osft_rank_allocation}"
+            )
+        if (self.osft_rank_allocation == "importance") != (self.osft_calibration_data_path is not None):
+            fail("--osft-rank-allocation importance and --osft-calibration-data-path go together")
+        if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
+            fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
             fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.loss not in LOSSES:
@@ -293,6 +324,14 @@ class TrainConfig:
             fail(f"--loss-aware-power must be a finite number >= 0, got {self.loss_aware_power}")
         if not 0 <= self.loss_aware_uniform <= 1:
             fail(f"--loss-aware-uniform must be in [0, 1], got {self.loss_aware_uniform}")
+
+    def flags_given(self, prefix: str) -> list[str]:
+        """The flags of a feature (fields named prefix...) set to other than their default."""
+        return [
+            f"--{f.name.replace('_', '-')}"
+            for f in fields(self)
+            if f.name.startswith(prefix) and getattr(self, f.name) != f.default
+        ]
 
     def validate_sources(self):
         """--data-path's and --validation-data-path's grammar, and what names a validation set."""
@@ -323,12 +362,7 @@ class TrainConfig:
             fail(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             fail(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-        given = [
-            f"--{f.name.replace('_', '-')}"
-            for f in fields(self)
-            if f.name.startswith("muon_") and getattr(self, f.name) != f.default
-        ]
-        if given and self.optimizer != "muon":
+        if (given := self.flags_given("muon_")) and self.optimizer != "muon":
             fail(f"{', '.join(given)} need --optimizer muon")
         if self.muon_learning_rate is not None and not (
             math.isfinite(self.muon_learning_rate) and self.muon_learning_rate >= 0

@@ -144,6 +144,8 @@ def build_optimizer(cfg, model, device):
     on it."""
     import osft
 
+    if not trainable(model):  # e.g. --osft-unfreeze-rank-ratio 0 with --osft-freeze-non-targets
+        fail("nothing to train: every parameter of the model is frozen")
     optimizer = OPTIMIZERS[cfg.optimizer](cfg, model, device)
     osft.keep_orthogonal(optimizer, model)
     return optimizer

@@ -10,7 +10,15 @@ Every update stays orthogonal to the frozen subspace on both sides, U_k^T dW = 0
   projection needs no collective and `grad_norm` is the norm after projection);
 - after each optimizer step u and v are projected again on their shards (AdamW's per-element scaling and weight
   decay otherwise leak into the frozen subspace), with the few collectives this needs batched.
-r = 1 leaves a target a plain Linear; r = 0 freezes it. Everything that is not a target trains as usual.
+r = 1 leaves a target a plain Linear; r = 0 freezes it. Everything that is not a target (embeddings, LM head,
+norms, biases) trains as usual, or is frozen with --osft-freeze-non-targets.
+
+Each target's frozen rank k (`target_ranks`): `global`, k = floor((1 - r) R) for every target; `importance`, the
+paper's per-layer rule: a decoder layer's importance I_l is the mean cosine similarity of its input and output
+hidden states over --osft-calibration-data-path's tokens, and it keeps (freezes) the fraction I_l x trr of each of
+its targets' directions (the paper's r_l = mrr + I_l (trr - mrr) with mrr = 0), trr chosen so that the unfrozen
+directions of all targets together are the fraction r of all (`allocate_ranks`). The chosen ranks are logged,
+saved in every checkpoint and reused on resume, never recomputed.
 
 Checkpoints: the full state keeps the factors (exact, reshardable resume); HF folders get dense weights under the
 model's own names (`dense_state_dict`).
@@ -127,29 +135,141 @@ def find_targets(lm: nn.Module, patterns: str | None) -> list[str]:
     return targets
 
 
-def apply_osft(lm: nn.Module, ratio: float, patterns: str | None):
-    """Replace each target Linear by its OSFT form (before sharding). Logs the SVD time and the memory added."""
-    timer, added, frozen_dirs, all_dirs = Timer(), 0, 0, 0
-    targets = find_targets(lm, patterns)
-    for name in targets:
+# Importance is a mean over tokens: enough of them, not a whole dataset (rank 0 runs them on its unsharded copy).
+CALIBRATION_TOKENS = 2**14
+
+
+def target_ranks(lm: nn.Module, cfg, dist, saved: dict | None) -> dict[str, int]:
+    """Each target's frozen rank k: the checkpoint's (`saved`, checked against this model), else by
+    --osft-rank-allocation. Rank 0 decides (only it holds the weights); every rank gets its answer."""
+    from utils import UserError, gather_objects, stop_if_any
+
+    targets = {name: min(lm.get_submodule(name).weight.shape) for name in find_targets(lm, cfg.osft_target_patterns)}
+    if saved is not None:
+        return checked_ranks(saved, targets)
+    ranks = error = None
+    if dist.rank == 0:
+        try:
+            if cfg.osft_rank_allocation == "importance":
+                importance = layer_importance(lm, cfg.osft_calibration_data_path, list(targets))
+                ranks = allocate_ranks(targets, importance, cfg.osft_unfreeze_rank_ratio)
+            else:
+                ranks = {name: math.floor((1 - cfg.osft_unfreeze_rank_ratio) * rank) for name, rank in targets.items()}
+        except UserError as e:
+            error = str(e)
+    stop_if_any(error)
+    return gather_objects(ranks)[0]
+
+
+def checked_ranks(saved, targets: dict[str, int]) -> dict[str, int]:
+    """A checkpoint's ranks, if they are this model's targets' with each k in [0, R]; else a one-line error."""
+    if not isinstance(saved, dict) or set(saved) != set(targets):
+        fail("cannot resume: the checkpoint's OSFT ranks name other target matrices than this model's")
+    for name, k in saved.items():
+        if type(k) is not int or not 0 <= k <= targets[name]:
+            fail(f"cannot resume: the checkpoint's OSFT rank of {name} is {k!r}, not a rank in [0, {targets[name]}]")
+    return dict(saved)
+
+
+def layer_importance(lm: nn.Module, path: str, targets: list[str]) -> dict[str, float]:
+    """Each target's layer importance: the mean cosine similarity of its decoder layer's input and output hidden
+    states over the calibration tokens (at most CALIBRATION_TOKENS, from the file's start); a target outside the
+    decoder layers gets the layers' mean. One sample per forward, with the model's own attention."""
+    from attention import mask_attention
+    from dataset import load_tokenized
+    from setup_model import decoder_layers
+
+    data = load_tokenized(path, 2**31 - 1, lm.config.get_text_config().vocab_size, flag="--osft-calibration-data-path")
+    layers = decoder_layers(lm)
+    sums, tokens, hooks = torch.zeros(len(layers), dtype=torch.float64), 0, []
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            sums[index] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
+
+        return record
+
+    hooks = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    timer, used = Timer(), 0
+    try:
+        with torch.no_grad(), mask_attention(lm):
+            for start, end in zip(data.offsets[:-1], data.offsets[1:]):
+                if tokens >= CALIBRATION_TOKENS:
+                    break
+                ids = torch.from_numpy(data.input_ids[start:end].astype("int64"))[None]
+                lm(input_ids=ids.to(lm.device), use_cache=False)
+                tokens, used = tokens + ids.shape[1], used + 1
+    finally:
+        for h in hooks:
+            h.remove()
+    per_layer = (sums / tokens).tolist()
+    log(
+        f"osft: layer importance from {used} of {len(data)} samples ({tokens} tokens) of {path} in "
+        f"{timer.elapsed():.1f} s: " + ", ".join(f"{v:.3f}" for v in per_layer)
+    )
+    owner = {}
+    names = {id(m): n for n, m in lm.named_modules()}
+    for i, layer in enumerate(layers):
+        owner[names[id(layer)] + "."] = per_layer[i]
+    mean = sum(per_layer) / len(per_layer)
+    return {t: next((v for prefix, v in owner.items() if t.startswith(prefix)), mean) for t in targets}
+
+
+def allocate_ranks(targets: dict[str, int], importance: dict[str, float], ratio: float) -> dict[str, int]:
+    """Frozen ranks k_t = R_t x min(1, trr x I_t) (importance below 0 counts 0), trr chosen so that the unfrozen
+    directions sum to round(ratio x sum R_t) (rounded down per target, the rest to the largest remainders). Equal
+    importances give every target the same fraction; all zero: the global ratio."""
+    names = list(targets)
+    sizes = torch.tensor([targets[n] for n in names], dtype=torch.float64)
+    weights = torch.tensor([max(0.0, importance[n]) for n in names], dtype=torch.float64)
+    # A floor far below any real score: all zero means equal, and a zero fills only after every other target is full
+    # (r = 0 still freezes everything).
+    weights = weights.clamp(min=1e-9 * max(float(weights.max()), 1.0))
+    frozen_total = round((1 - ratio) * float(sizes.sum()))
+    # Find trr: the frozen directions sum(R_t min(1, trr I_t)) grow with trr; bisection on a monotone function.
+    low, high = 0.0, 1.0 / float(weights.min())
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if float((sizes * (mid * weights).clamp(max=1)).sum()) < frozen_total else (low, mid)
+    exact = sizes * (high * weights).clamp(max=1)
+    ks = exact.floor().clamp(max=sizes)
+    for i in torch.argsort(exact - ks, descending=True, stable=True).tolist()[: max(0, frozen_total - int(ks.sum()))]:
+        ks[i] += 1 if ks[i] < sizes[i] else 0
+    return {n: int(k) for n, k in zip(names, ks.tolist())}
+
+
+def apply_osft(lm: nn.Module, ranks: dict[str, int], train_non_targets: bool = True):
+    """Replace each target Linear by its OSFT form with `ranks[name]` frozen directions (before sharding); without
+    `train_non_targets`, freeze every parameter but the targets' trainable part. Logs the ranks, the SVD time and
+    the memory added."""
+    timer, added, total, trained = Timer(), 0, 0, []
+    for name, k in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name)
         linear = getattr(parent, child)
-        rank = min(linear.weight.shape)
-        k = math.floor((1 - ratio) * rank)
-        frozen_dirs, all_dirs = frozen_dirs + k, all_dirs + rank
-        if k == rank:  # r = 0 (or a ratio too small for this matrix): frozen as it is
+        total += min(linear.weight.shape)
+        if k == min(linear.weight.shape):  # r = 0 (or a ratio too small for this matrix): frozen as it is
             linear.weight.requires_grad_(False)
         elif k > 0:  # k == 0 (r = 1): a plain Linear, exactly plain fine-tuning
             module = OSFTLinear.from_linear(linear, k)
             added += sum(getattr(module, f).numel() for f in FACTORS) - linear.weight.numel()
             setattr(parent, child, module)
+            trained += [module.u, module.s, module.v]
+        else:
+            trained.append(linear.weight)
+    if not train_non_targets:  # embeddings, LM head, norms, biases: as loaded
+        keep = {id(p) for p in trained}
+        for p in lm.parameters():
+            p.requires_grad_(p.requires_grad and id(p) in keep)
     dtype_bytes = next(lm.parameters()).element_size()
     log(
-        f"osft: {len(targets)} target matrices, {frozen_dirs}/{all_dirs} singular directions frozen "
-        f"(ratio {ratio}); SVD {timer.elapsed():.1f} s; factors add {added / 1e6:.1f}M parameters "
-        f"({added * dtype_bytes / 2**20:.0f} MiB before sharding)"
+        f"osft: {len(ranks)} target matrices, {sum(ranks.values())}/{total} singular directions frozen; SVD "
+        f"{timer.elapsed():.1f} s; factors add {added / 1e6:.1f}M parameters ({added * dtype_bytes / 2**20:.0f} MiB "
+        f"before sharding); non-targets {'train' if train_non_targets else 'frozen'}"
     )
+    log("osft: frozen directions k per target: " + ", ".join(f"{name} {k}" for name, k in ranks.items()))
 
 
 def project_factors(modules: list[OSFTLinear]):

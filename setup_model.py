@@ -349,9 +349,10 @@ def reshard(model):
             module.reshard()
 
 
-def setup_model(cfg, dist, config) -> LossModel:
-    """Load, choose attention and loss, patch (Liger, activation checkpointing, compile), wrap in LossModel and
-    shard with FSDP2. Fills in cfg's `auto` choices with what runs."""
+def setup_model(cfg, dist, config, osft_ranks: dict | None = None) -> LossModel:
+    """Load, choose attention and loss, patch (OSFT, Liger, activation checkpointing, compile), wrap in LossModel
+    and shard with FSDP2. Fills in cfg's `auto` choices with what runs. `osft_ranks`: the frozen ranks a resumed
+    checkpoint chose (else chosen now); the model keeps them in `osft_ranks` for its checkpoints."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -364,7 +365,8 @@ def setup_model(cfg, dist, config) -> LossModel:
         cfg.compile = dist.device.type == "cuda" and not cfg.use_liger_kernels
     lm = load_model(cfg, dist, config, cfg.attn_implementation)
     if cfg.osft:
-        osft.apply_osft(lm, cfg.osft_unfreeze_rank_ratio, cfg.osft_target_patterns)
+        osft_ranks = osft.target_ranks(lm, cfg, dist, osft_ranks)
+        osft.apply_osft(lm, osft_ranks, cfg.osft_train_non_targets)
     if cfg.use_liger_kernels:
         if dist.device.type != "cuda":
             fail("--use-liger-kernels needs a CUDA GPU")
@@ -374,6 +376,7 @@ def setup_model(cfg, dist, config) -> LossModel:
     if cfg.compile:
         compile_layers(lm)
     model = LossModel(lm, cfg.loss, LogitTransform.of(config), compiled=cfg.compile)
+    model.osft_ranks = osft_ranks if cfg.osft else None
     num_params = sum(p.numel() for p in model.parameters())  # before sharding: whole, on every rank
     full_state = model.state_dict() if dist.rank == 0 and dist.world_size > 1 else None
 

@@ -223,12 +223,10 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     data, val_sets, sources = load_data(cfg, model_config)
     if cfg.batch_size > len(data):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
-    model = setup_model.setup_model(cfg, dist, model_config)
-    optimizer = optimizers.build_optimizer(cfg, model, dist.device)
     sampler = build_sampler(cfg, len(data), sources)
     # Per-sample losses: what a sampler that observes sees, the loss quantiles and each source's loss are made of.
     per_sample = sampler.observes or cfg.log_loss_quantiles or len(sources.names) > 1
-    if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES:
+    if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES | {"auto"}:  # auto: one of them
         fail(
             f"--sampler {cfg.sampler} / --log-loss-quantiles / several --data-path sources need per-sample losses, "
             f"which --loss {cfg.loss} does not give"
@@ -246,6 +244,9 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     # finished step removes what the run created.
     with run_folder.claimed_output_dir(cfg, dist) as out:
         found, num_steps = given or find_start(cfg, out.path, dist, settings, len(data))
+        # The model is built to the checkpoint's shape: OSFT's frozen ranks are the checkpoint's, never chosen again.
+        model = setup_model.setup_model(cfg, dist, model_config, found and found[1].get("osft_ranks"))
+        optimizer = optimizers.build_optimizer(cfg, model, dist.device)
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = optimizers.build_scheduler(cfg, optimizer, num_steps)
         validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing)

@@ -111,10 +111,6 @@ def test_two_ranks_resumed_on_one_extends_a_finished_run(qwen_dir, data_path, tm
     assert r.returncode == 0, r.stderr
     assert names(out, "hf_format") == ["samples_24"]
 
-    r = run_script(*args(qwen_dir, data_path, out, 3, "--resume"))  # the same length: nothing to do
-    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
-    assert len(metrics(out)) == 3
-
     r = run_script(*args(qwen_dir, data_path, out, 6, "--resume"))  # a larger --max-steps extends it on 1 rank
     assert r.returncode == 0, r.stderr
     got, ref = metrics(out), metrics(ref_out)
@@ -208,7 +204,8 @@ def test_a_run_grown_by_max_epochs_announces_and_schedules_the_steps_it_runs(qwe
     rows = metrics(out)
     assert [(m["step"], m["samples_seen"], m["epoch"]) for m in rows] == [(1, 8, 0), (2, 10, 0), (3, 18, 1), (4, 20, 1)]
     assert [m["lr"] for m in rows[2:]] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 1 / 4])  # linear: 0 after step 4
-    r = launch(2, "--resume")
-    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
-    r = launch(1, "--resume")
-    assert r.returncode != 0 and "--max-epochs 1 draws 10 samples, and the checkpoint has drawn 20" in r.stderr
+    if nproc == 1:  # decided before any training, alike on any number of ranks
+        r = launch(2, "--resume")
+        assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+        r = launch(1, "--resume")
+        assert r.returncode != 0 and "--max-epochs 1 draws 10 samples, and the checkpoint has drawn 20" in r.stderr

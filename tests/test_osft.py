@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import osft
-from conftest import ROOT, tokenized_conversations, torchrun
+from conftest import ROOT, main_in_process, tokenized_conversations, torchrun
 from test_train import CAP_SMALL
 from utils import UserError
 
@@ -53,19 +53,40 @@ def test_gradients_and_steps_stay_orthogonal_to_the_frozen_subspace():
     assert (dw @ module.v_frozen).norm() <= 1e-4 * dw.norm()
 
 
+def ranks_of(lm, ratio, patterns=None):
+    return {name: math.floor((1 - ratio) * min(lm.get_submodule(name).weight.shape))
+            for name in osft.find_targets(lm, patterns)}  # fmt: skip
+
+
 def test_ratio_edges_and_target_patterns(qwen_dir):
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(qwen_dir)
-    osft.apply_osft(lm, 1.0, None)  # r = 1: plain Linears, nothing frozen
+    osft.apply_osft(lm, ranks_of(lm, 1.0))  # r = 1: plain Linears, nothing frozen
     assert not any(isinstance(m, osft.OSFTLinear) for m in lm.modules())
     assert all(p.requires_grad for p in lm.parameters())
-    osft.apply_osft(lm, 0.0, "*.q_proj,*.down_proj")  # r = 0: the targets frozen as they are
+    osft.apply_osft(lm, ranks_of(lm, 0.0, "*.q_proj,*.down_proj"))  # r = 0: the targets frozen as they are
     frozen = {n for n, p in lm.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in lm.named_parameters() if n.endswith(("q_proj.weight", "down_proj.weight"))}
     with pytest.raises(UserError, match="'\\*.nope' matches no Linear"):
         osft.find_targets(lm, "*.q_proj,*.nope")
     assert "lm_head" not in osft.find_targets(lm, None) and len(osft.find_targets(lm, None)) == 7 * 2
+
+
+def test_allocated_ranks_follow_importance_and_keep_the_total():
+    sizes = {"a": 64, "b": 64, "c": 32, "d": 16}
+    for ratio in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        equal = osft.allocate_ranks(sizes, dict.fromkeys(sizes, 0.7), ratio)
+        assert sum(sizes.values()) - sum(equal.values()) == round(ratio * sum(sizes.values()))
+        assert all(abs(equal[n] / sizes[n] - (1 - ratio)) <= 1 / sizes[n] + 1e-9 for n in sizes), equal
+        ranks = osft.allocate_ranks(sizes, {"a": 0.9, "b": 0.3, "c": 0.6, "d": -0.2}, ratio)
+        assert sum(sizes.values()) - sum(ranks.values()) == round(ratio * sum(sizes.values()))
+        assert all(0 <= ranks[n] <= sizes[n] for n in sizes)
+        if 0 < ratio < 1:  # more important: a larger frozen fraction; below zero counts zero
+            assert ranks["a"] / 64 >= ranks["c"] / 32 > ranks["b"] / 64 and ranks["d"] == 0, (ratio, ranks)
+    # A fraction past 1 is capped, the rest goes to the others.
+    capped = osft.allocate_ranks({"a": 10, "b": 10}, {"a": 1.0, "b": 0.1}, 0.2)
+    assert capped == {"a": 10, "b": 6}
 
 
 def osft_args(model, data, out, steps, *extra):
@@ -144,3 +165,72 @@ def test_ratio_one_is_plain_fine_tuning_and_zero_freezes_the_targets(qwen_dir, d
     for name, w in before.items():
         assert torch.equal(after[name], w) == name.endswith(suffixes), name
     shutil.rmtree(tmp_path / "plain")
+
+
+@pytest.fixture(scope="module")
+def uneven_dir(qwen_dir, tmp_path_factory):
+    """The tiny Qwen2 with layer 0's outputs (o_proj, down_proj) shrunk 100x: that layer passes its input nearly
+    unchanged (input/output similarity near 1, important by the paper's score), layer 1 does not."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("uneven")
+    for f in qwen_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    lm = AutoModelForCausalLM.from_pretrained(qwen_dir)
+    with torch.no_grad():
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            lm.model.layers[0].get_submodule(name).weight.mul_(0.01)
+    lm.save_pretrained(out)
+    return out
+
+
+def test_importance_ranks_differ_by_layer_are_saved_and_reused_and_frozen_non_targets_stay(
+    uneven_dir, data_path, tmp_path, capfd
+):
+    importance = ("--osft", "--osft-unfreeze-rank-ratio", 0.5, "--osft-rank-allocation", "importance")
+    suffixes = tuple(f"{t[2:]}.weight" for t in osft.DEFAULT_TARGETS)
+    out = tmp_path / "two"
+
+    def resumed_from_step_2(folder, *flags):  # on one rank; the calibration file is gone: it is not read again
+        gone = ("--osft-calibration-data-path", tmp_path / "gone.jsonl", "--resume-from", out / "full_state/samples_16")
+        return main_in_process(capfd, *osft_args(uneven_dir, data_path, folder, 4, *importance, *flags, *gone))
+
+    r = torchrun(
+        ROOT / "train.py",
+        *osft_args(uneven_dir, data_path, out, 4, *importance, "--osft-freeze-non-targets"),
+        "--osft-calibration-data-path",
+        data_path,
+        nproc=2,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "osft: layer importance from" in r.stdout and "osft: frozen directions k per target:" in r.stdout
+    ranks = json.loads((out / "full_state/samples_16/trainer_state.json").read_text())["osft_ranks"]
+    before = load_file(uneven_dir / "model.safetensors")
+    sizes = {name[: -len(".weight")]: min(w.shape) for name, w in before.items() if name.endswith(suffixes)}
+    assert sizes.keys() == set(ranks) and len(ranks) == 14
+    assert sum(sizes.values()) - sum(ranks.values()) == round(0.5 * sum(sizes.values()))
+    for target in ("q_proj", "o_proj", "gate_proj", "down_proj"):  # layer 0 keeps more of each target
+        layer0, layer1 = (next(ranks[n] for n in ranks if n.startswith(f"model.layers.{i}.") and target in n)
+                          for i in (0, 1))  # fmt: skip
+        assert layer0 > layer1, (target, ranks)
+
+    # Frozen non-targets: embeddings, norms, LM head and the targets' biases are as loaded; the targets moved.
+    after = load_file(out / "hf_format/samples_32/model.safetensors")
+    for name, w in before.items():
+        assert torch.equal(after[name], w) != name.endswith(suffixes), name
+
+    # 2 -> 1 ranks: the checkpoint's ranks are reused, and steps 3-4 are the 2-rank run's.
+    resumed = tmp_path / "one"
+    code, stdout, err = resumed_from_step_2(resumed, "--osft-freeze-non-targets")
+    assert code == 0, err
+    assert "osft: layer importance" not in stdout
+    ref = metrics(out)
+    assert [m["step"] for m in metrics(resumed)] == [3, 4]
+    for m in metrics(resumed):
+        assert m["loss"] == pytest.approx(ref[m["step"] - 1]["loss"], rel=1e-5)
+    assert json.loads((resumed / "full_state/samples_32/trainer_state.json").read_text())["osft_ranks"] == ranks
+
+    # The checkpoint trained with its non-targets frozen: a resume that would train them is refused.
+    code, _, err = resumed_from_step_2(tmp_path / "three")
+    assert code != 0 and "--osft-train-non-targets True (checkpoint: False)" in err, err
