@@ -194,10 +194,14 @@ class MetricsLog:
                 self.stop_bar()
 
     def write_validation(self, row: dict):
-        """A validation row of its own (no `loss` key: training rows are exactly those with one)."""
+        """A validation row of its own (no `loss` key: training rows are exactly those with one). A run that
+        generates samples without a validation set writes `step` and `generation_time` only (generation.py prints
+        its own line)."""
         if not self.is_main:
             return
         self.append(row)
+        if "val_loss" not in row:
+            return
         names = [k.removeprefix("val_loss/") for k in row if k.startswith("val_loss/")]  # several sets: each one's
         tokens = sum(row[f"val_num_loss_counted_tokens/{n}"] for n in names) or row["val_num_loss_counted_tokens"]
         log(
@@ -281,6 +285,23 @@ class Trackers:
             log(f"wandb: no API key, logging offline to {output_dir / 'wandb'} (`wandb sync` uploads it later)")
         return wandb.init(project=project, dir=output_dir, id=run_id, resume="allow", config=params)
 
+    def log_generations(self, step: int, rows: list[dict]):
+        """A step's generation samples (generation.py): a wandb table, and a TensorBoard text per prompt (its own
+        history across steps), prompt and completion as code blocks (a template's `<|im_start|>` would otherwise
+        read as an HTML tag)."""
+        import textwrap
+
+        columns = ["step", "prompt", "completion"]
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb_run.log({"generations": table}, step=step)
+        if self.writer is not None:
+            for k, row in enumerate(rows):
+                text = "\n\n".join(f"{c}:\n\n" + textwrap.indent(row[c], "    ") for c in columns[1:])
+                self.writer.add_text(f"generations/{k}", text, step)
+
     def log(self, row: dict):
         scalars = {k: v for k, v in row.items() if k not in ("step", "timestamp") and isinstance(v, (int, float))}
         if self.wandb_run is not None:
@@ -304,6 +325,7 @@ PLOT_FILE = "training_curves.png"
 
 TRAIN_ROW = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second")  # what a plot needs of a row
 VAL_ROW = ("step", "val_loss")
+GENERATION_ROW = ("step", "generation_time")  # a validation row of a run that generates without a validation set
 
 
 def is_number(value) -> bool:
@@ -316,8 +338,8 @@ def is_row(row, keys) -> bool:
 
 
 def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
-    """The training rows (those with `loss`) and the validation rows (`val_loss`) of a run's metrics file; lines
-    that are not such rows are skipped and counted."""
+    """The training rows (those with `loss`) and the validation rows (`val_loss`, or `generation_time` alone) of a
+    run's metrics file; lines that are not such rows are skipped and counted."""
     output_dir = Path(output_dir)
     path = output_dir / METRICS_FILE
     if not output_dir.is_dir():
@@ -336,7 +358,7 @@ def read_metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
             row = None
         if is_row(row, TRAIN_ROW):
             train.append(row)
-        elif is_row(row, VAL_ROW):
+        elif is_row(row, VAL_ROW) or is_row(row, GENERATION_ROW):
             val.append(row)
         elif line.strip():
             skipped += 1
@@ -361,6 +383,7 @@ def plot(output_dir: Path) -> Path:
     except ImportError:
         fail("plotting needs matplotlib: pip install matplotlib (or the plot extra: pip install -e '.[plot]')")
     train, val = read_metrics(output_dir)
+    val = [r for r in val if is_number(r.get("val_loss"))]  # not the rows of generation samples alone
     steps = [r["step"] for r in train]
     fig = Figure(figsize=(12, 7.5), layout="constrained")
     (loss_ax, lr_ax), (norm_ax, speed_ax) = fig.subplots(2, 2, sharex=True)

@@ -164,7 +164,8 @@ class TrainConfig:
     )
     validation_frequency: int | None = option(
         None,
-        "Measure val_loss every this many steps, and at the end. Default: every 10% of a known run length.",
+        "Measure val_loss (and generate the samples of --generation-prompts-path) every this many steps, and at the "
+        "end. Default: every 10% of a known run length.",
         resume=FREE,
     )
     keep_best_checkpoint: bool = option(
@@ -177,6 +178,17 @@ class TrainConfig:
         None,
         "The validation set (its NAME) whose val_loss --keep-best-checkpoint watches. Default: the first.",
         resume=FREE,
+    )
+    # generation samples (generation.py)
+    generation_prompts_path: str | None = option(
+        None,
+        'JSONL of a handful of prompts ({"messages": [...]} per line, rendered by the chat template): at each '
+        "validation (--validation-frequency; also without a validation set) every rank joins one batched greedy "
+        "generate with the current weights, written to output_dir/generations.jsonl and the trackers.",
+        resume=FREE,
+    )
+    generation_max_new_tokens: int = option(
+        64, "Tokens generated per prompt of --generation-prompts-path (fewer where it ends).", resume=FREE
     )
     # experiment trackers (optional packages: pip install -e ".[trackers]")
     wandb_project: str | None = option(
@@ -293,8 +305,14 @@ class TrainConfig:
         if self.validation_frequency is not None and self.validation_frequency < 1:
             fail(f"--validation-frequency must be >= 1, got {self.validation_frequency}")
         has_validation = self.validation_data_path is not None or self.validation_split is not None
-        if (self.validation_frequency is not None or self.keep_best_checkpoint) and not has_validation:
-            fail("--validation-frequency and --keep-best-checkpoint need --validation-data-path or --validation-split")
+        if self.keep_best_checkpoint and not has_validation:
+            fail("--keep-best-checkpoint needs --validation-data-path or --validation-split")
+        if self.validation_frequency is not None and not (has_validation or self.generation_prompts_path):
+            fail("--validation-frequency needs --validation-data-path, --validation-split or --generation-prompts-path")
+        if self.generation_prompts_path is None and (given := self.flags_given("generation_")):
+            fail(f"{', '.join(given)} need --generation-prompts-path")
+        if self.generation_max_new_tokens < 1:
+            fail(f"--generation-max-new-tokens must be >= 1, got {self.generation_max_new_tokens}")
         for flag, package in (("wandb_project", "wandb"), ("tensorboard_dir", "tensorboard")):
             if getattr(self, flag) is not None and importlib.util.find_spec(package) is None:
                 fail(f"--{flag.replace('_', '-')} needs the {package} package: pip install -e '.[trackers]'")

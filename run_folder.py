@@ -1,6 +1,6 @@
 """The output folder's lifecycle: one run per folder (a lock naming its holder), what a fresh run may go into,
---overwrite, each launch's record in training_params.json, the metrics rows a resumed run replays, and the undo
-of a launch that fails before its first finished step.
+--overwrite, each launch's record in training_params.json, the rows a resumed run replays (metrics, generation
+samples), and the undo of a launch that fails before its first finished step.
 
     output_dir/leantrain.lock          the running run's host, pid and SLURM job (held with flock)
     output_dir/training_params.json    this launch's resolved flags, earlier launches listed oldest first
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from batch_metrics import METRICS_FILE
 from checkpoint import HF_DIR, STATE_DIR, describe_error, remove_partial_saves
+from generation import GENERATIONS_FILE
 from utils import (
     UserError,
     counted,
@@ -30,8 +31,10 @@ from utils import (
 )
 
 PARAMS_FILE, LOCK_FILE = "training_params.json", "leantrain.lock"
+# JSONL files of rows by step: a resume drops the rows past its step (replayed), a failed launch puts them back.
+ROW_FILES = (METRICS_FILE, GENERATIONS_FILE)
 # A folder holding any of these holds a run. --overwrite deletes exactly these (trackers' folders included).
-RUN_OUTPUTS = (PARAMS_FILE, METRICS_FILE, STATE_DIR, HF_DIR)
+RUN_OUTPUTS = (PARAMS_FILE, *ROW_FILES, STATE_DIR, HF_DIR)
 TRACKER_DIRS = ("wandb", "tensorboard")
 
 
@@ -91,9 +94,9 @@ class OutputDir:
         self.fd = None
         self.created: list[Path] = []
         self.params_before: bytes | None = None
-        self.metrics_before: bytes | None = None
+        self.rows_before: dict[str, bytes | None] = {}  # each of ROW_FILES as the launch found it
         self.new_trackers: list[str] = []
-        self.rows_at_launch: int | None = None
+        self.rows_at_launch: int | None = None  # the metrics rows kept at launch: one more is a finished step
 
     def take(self, cfg):
         self.created = make_folders(self.path)
@@ -159,14 +162,18 @@ class OutputDir:
 
     def record_launch(self, params: dict, resumed_step: int):
         """Collective. Write training_params.json (this launch, flat, plus earlier launches oldest first) and drop
-        metrics rows past the resumed step (steps a crashed run did after its last checkpoint, replayed now)."""
+        the rows (metrics, generation samples) past the resumed step (steps a crashed run did after its last
+        checkpoint, replayed now)."""
         error = None
         if self.is_main:
             try:
                 write_atomically(self.path / PARAMS_FILE, json.dumps(params | self._launches(), indent=2) + "\n")
-                metrics = self.path / METRICS_FILE
-                self.metrics_before = metrics.read_bytes() if metrics.is_file() else None
-                self.rows_at_launch = trim_metrics(metrics, resumed_step)
+                kept = {}
+                for name in ROW_FILES:
+                    path = self.path / name
+                    self.rows_before[name] = path.read_bytes() if path.is_file() else None
+                    kept[name] = trim_rows(path, resumed_step)
+                self.rows_at_launch = kept[METRICS_FILE]
             except OSError as e:
                 error = f"cannot write in --output-dir {self.path}: {describe_error(e)}"
         stop_if_any(error)
@@ -186,19 +193,20 @@ class OutputDir:
 
     def release(self, failed: bool):
         """Remove the lock; after a failure before any finished step, also undo what this run created."""
-        metrics = self.path / METRICS_FILE
-        if failed and (self.rows_at_launch is None or count_lines(metrics) == self.rows_at_launch):
+        if failed and (self.rows_at_launch is None or count_lines(self.path / METRICS_FILE) == self.rows_at_launch):
             params = self.path / PARAMS_FILE
             with contextlib.suppress(OSError):  # a failure to write it may be why the run failed
                 if self.params_before is not None:
                     write_atomically(params, self.params_before)
                 elif params.is_file():
                     params.unlink()
-            with contextlib.suppress(OSError):  # rows trimmed at launch come back: this launch replaced nothing
-                if self.metrics_before is not None:
-                    write_atomically(metrics, self.metrics_before)
-                elif metrics.exists() and metrics.stat().st_size == 0:
-                    metrics.unlink()
+            for name, before in self.rows_before.items():
+                path = self.path / name
+                with contextlib.suppress(OSError):  # rows trimmed at launch come back: this launch replaced nothing
+                    if before is not None:
+                        write_atomically(path, before)
+                    elif path.exists() and path.stat().st_size == 0:
+                        path.unlink()
             for name in (STATE_DIR, HF_DIR):
                 with contextlib.suppress(OSError):
                     (self.path / name).rmdir()
@@ -243,8 +251,8 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def trim_metrics(path: Path, step: int) -> int:
-    """Keep only rows of steps <= step (atomically); returns the number of rows kept."""
+def trim_rows(path: Path, step: int) -> int:
+    """Keep only the rows of steps <= step in a JSONL of rows by step (atomically); returns the number kept."""
     if not path.exists():
         return 0
     kept, dropped, unreadable = [], 0, 0

@@ -213,6 +213,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     import run_folder
     import setup_model
     from batch_metrics import MetricsLog, SourceMetrics, tracking
+    from generation import load_prompts
     from sampler import build_sampler
     from validation import Validation
 
@@ -220,6 +221,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     cfg.save_dtype = cfg.save_dtype or checkpoint.loaded_dtype(model_config)
     torch.manual_seed(cfg.seed)
 
+    prompts = load_prompts(cfg)  # --generation-prompts-path: a bad file stops the run now, not at its first samples
     data, val_sets, sources = load_data(cfg, model_config)
     if cfg.batch_size > len(data):
         log(f"note: --batch-size {cfg.batch_size} is more than the {len(data)} samples: a step repeats samples")
@@ -249,7 +251,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
         optimizer = optimizers.build_optimizer(cfg, model, dist.device)
         log(f"steps: {num_steps}" if num_steps else "no length set: running until stopped")
         scheduler = optimizers.build_scheduler(cfg, optimizer, num_steps)
-        validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing)
+        validation = Validation(val_sets, cfg, dist, pad_id, num_steps, model.packing, prompts)
         saver = checkpoint.Saver(cfg, out.path, dist, model_config, settings, num_steps)
         state = resume(found, cfg, dist, model, optimizer, scheduler, sampler, saver, num_steps)
         per_source = SourceMetrics(sources, state.sampler) if len(sources.names) > 1 else None

@@ -1,5 +1,6 @@
 """Held-out sets: val_loss of each measured exactly like the training loss (packed the same way, the exact
-token-weighted mean over the whole set across ranks), without gradients, every N steps and at the end."""
+token-weighted mean over the whole set across ranks), without gradients, every N steps and at the end; the
+generation samples (generation.py) on the same schedule, with or without a held-out set."""
 
 import contextlib
 import math
@@ -12,12 +13,14 @@ class Validation:
     """val_loss of each held-out set: the exact token-weighted mean over the whole set across ranks, packed and
     computed like the training loss, without gradients. Due every `every` steps and at the end. `sets`: [(name,
     samples)], none without validation. One set: today's row (`val_loss`, `val_num_loss_counted_tokens`). Several:
-    `val_loss/NAME` and `val_num_loss_counted_tokens/NAME` for each, and `val_loss` is the first set's."""
+    `val_loss/NAME` and `val_num_loss_counted_tokens/NAME` for each, and `val_loss` is the first set's. `prompts`
+    (generation.Prompts, or None): samples generated at each validation, also where there is no set (a user who
+    asks for samples expects them at the validation frequency)."""
 
-    def __init__(self, sets, cfg, dist, pad_id: int, num_steps: int | None, packing):
+    def __init__(self, sets, cfg, dist, pad_id: int, num_steps: int | None, packing, prompts=None):
         import numpy as np
 
-        self.sets, self.dist, self.pad_id = list(sets), dist, pad_id
+        self.sets, self.dist, self.pad_id, self.prompts = list(sets), dist, pad_id, prompts
         # The held-out sets never change: pack each once, this rank's minibatches of sample indices.
         self.plans = [
             packing.plan(data, np.arange(len(data)), cfg.max_tokens_per_gpu, dist.world_size)[dist.rank]
@@ -29,7 +32,7 @@ class Validation:
         self.watched = getattr(cfg, "best_checkpoint_set", None) or (self.sets[0][0] if self.sets else None)
 
     def due(self, step: int, final: bool = False) -> bool:
-        if not self.sets or step == self.last_step or step == 0:
+        if not (self.sets or self.prompts) or step == self.last_step or step == 0:
             return False
         return final or (self.every is not None and step % self.every == 0)
 
@@ -52,7 +55,6 @@ class Validation:
         loss_sums = all_reduce_sum(loss_sums)
         counts = [int(data.num_loss_counted_tokens.sum()) for _, data in self.sets]
         losses = [float(loss_sums[k]) / counts[k] for k in range(len(self.sets))]
-        self.last_step = step
         row = {"step": step, "val_loss": losses[0], "val_num_loss_counted_tokens": counts[0]}
         if len(self.sets) > 1:
             for (name, _), loss, count in zip(self.sets, losses, counts):
@@ -65,15 +67,26 @@ class Validation:
 
 
 def validate(validation, model, optimizer, state, metrics, saver):
-    """Measure val_loss, log it as its own row, and let --keep-best-checkpoint save an improvement of the watched
+    """Measure val_loss and generate the samples (what the run has of both), log them as one row of their own (the
+    generation's time as `generation_time`), and let --keep-best-checkpoint save an improvement of the watched
     set's."""
-    row = validation.run(model, state.step)
+    from generation import generate_samples
+
+    row = validation.run(model, state.step) if validation.sets else {"step": state.step}
+    if validation.prompts is not None:
+        seconds = generate_samples(
+            model, validation.prompts, validation.dist, state.step, saver.output_dir, metrics.trackers
+        )
+        row |= {"generation_time": seconds, "timestamp": time.time()}
+    validation.last_step = state.step
     metrics.write_validation(row)
-    saver.note_validation(validation.watched_loss(row), model, optimizer, state, validation.watched)
+    if validation.sets:
+        saver.note_validation(validation.watched_loss(row), model, optimizer, state, validation.watched)
 
 
 def val_loss_logged(dist, output_dir, step: int) -> bool:
-    """Whether the run's metrics file has a val_loss row for `step` (rank 0 reads it; every rank gets its answer)."""
+    """Whether the run's metrics file has a validation row for `step` (rank 0 reads it; every rank gets its
+    answer)."""
     from batch_metrics import read_metrics
     from utils import any_rank
 

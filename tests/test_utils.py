@@ -28,13 +28,13 @@ def test_parse_json_raises_only_value_error(text):
         utils.parse_json(text)
 
 
-def test_trim_metrics_drops_unreadable_lines(tmp_path, capsys):
+def test_trim_rows_drops_unreadable_lines(tmp_path, capsys):
     import run_folder
 
     path = tmp_path / "training_metrics_0.jsonl"
     rows = [{"step": 1}, {"step": 2}, {"step": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[" * 100_000 + "\n" + '{"step": "2"}\n')
-    assert run_folder.trim_metrics(path, 2) == 2
+    assert run_folder.trim_rows(path, 2) == 2
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     assert "removed 2 rows past the resumed step 2 and 1 unreadable line (a write" in capsys.readouterr().out
 

@@ -120,7 +120,7 @@ def test_the_split_is_held_out_by_seed_and_errors_raise(qwen_dir, data_paths, tm
     assert (val_again.input_ids == val.input_ids).all() and data.fingerprint() == again.fingerprint()
     with pytest.raises(UserError, match="--validation-data-path and --validation-split conflict"):
         train.train(config(qwen_dir, data_paths[0], tmp_path / "o", validation_split=0.2, validation_data_path="x"))
-    with pytest.raises(UserError, match="need --validation-data-path or --validation-split"):
+    with pytest.raises(UserError, match="--keep-best-checkpoint needs --validation-data-path or --validation-split"):
         train.train(config(qwen_dir, data_paths[0], tmp_path / "o", keep_best_checkpoint=True))
     with pytest.raises(UserError, match="leaves no training sample"):
         train.train(config(qwen_dir, data_paths[0], tmp_path / "o", validation_split=0.999))
