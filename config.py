@@ -329,8 +329,6 @@ class TrainConfig:
             fail("--osft-rank-allocation importance and --osft-calibration-data-path go together")
         if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
             fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
-        if self.osft_unfreeze_rank_ratio is not None and not 0 <= self.osft_unfreeze_rank_ratio <= 1:
-            fail(f"--osft-unfreeze-rank-ratio must be in [0, 1], got {self.osft_unfreeze_rank_ratio}")
         if self.loss not in LOSSES:
             fail(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
         from sampler import CHOICES  # here, not at import: --help stays fast
