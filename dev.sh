@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two commands of a fresh clone; each does all the set-up it needs by itself:
 #   ./dev.sh demo [demo.py flags]    the tiny model learns to reverse digit strings (about 1.5 minutes on 2 CPU cores)
-#   ./dev.sh test [pytest flags]     the test suite (docs/REFERENCE.md#tests says its measured time)
+#   ./dev.sh test [pytest flags]     the test suite, on TEST_WORKERS=2 workers (docs/REFERENCE.md#tests: its measured time)
 # and one for maintainers:
 #   ./dev.sh relock [pytest flags]   the suite on the newest releases pyproject.toml admits, in a fresh .venv-latest/;
 #                                    where it passes, requirements-dev.lock is rewritten from that environment
@@ -68,11 +68,15 @@ setup() {  # setup VENV USE_LOCK(yes|no)
     fi
 }
 
+# Two workers (pytest-xdist), a test file each at a time (its module fixtures built once): most tests wait on
+# subprocesses and start-up, so two keep 2 cores busy where one left them half idle (docs/REFERENCE.md#tests).
+suite=(-q -n "${TEST_WORKERS:-2}" --dist loadfile)
+
 relock() {  # the newest releases the ranges admit, in a fresh environment; the lock follows only if the suite passes
     local latest=${VENV_LATEST:-.venv-latest}
     rm -rf "$latest"
     setup "$latest" no
-    if ! "$latest/bin/python" -m pytest -q "$@"; then
+    if ! "$latest/bin/python" -m pytest "${suite[@]}" "$@"; then
         echo "dev.sh relock: the suite fails on the newest releases ($latest/); $lock left as it is" >&2
         exit 1
     fi
@@ -89,7 +93,7 @@ relock() {  # the newest releases the ranges admit, in a fresh environment; the 
 
 case "${1:-}" in
     demo) shift; setup "$venv" yes; exec "$venv/bin/python" demo.py "$@" ;;
-    test) shift; setup "$venv" yes; exec "$venv/bin/python" -m pytest -q "$@" ;;
+    test) shift; setup "$venv" yes; exec "$venv/bin/python" -m pytest "${suite[@]}" "$@" ;;
     relock) shift; relock "$@" ;;
     *) echo "usage: ./dev.sh demo [demo.py flags] | ./dev.sh test [pytest flags] | ./dev.sh relock [pytest flags]" >&2; exit 2 ;;
 esac
