@@ -181,7 +181,7 @@ def layer_importance(lm: nn.Module, path: str, targets: list[str]) -> dict[str, 
 
     data = load_tokenized(path, 2**31 - 1, lm.config.get_text_config().vocab_size, flag="--osft-calibration-data-path")
     layers = decoder_layers(lm)
-    sums, tokens, hooks = torch.zeros(len(layers), dtype=torch.float64), 0, []
+    sums, tokens = torch.zeros(len(layers), dtype=torch.float64), 0
 
     def hook(index):
         def record(module, args, kwargs, output):
@@ -209,10 +209,8 @@ def layer_importance(lm: nn.Module, path: str, targets: list[str]) -> dict[str, 
         f"osft: layer importance from {used} of {len(data)} samples ({tokens} tokens) of {path} in "
         f"{timer.elapsed():.1f} s: " + ", ".join(f"{v:.3f}" for v in per_layer)
     )
-    owner = {}
     names = {id(m): n for n, m in lm.named_modules()}
-    for i, layer in enumerate(layers):
-        owner[names[id(layer)] + "."] = per_layer[i]
+    owner = {names[id(layer)] + ".": value for layer, value in zip(layers, per_layer)}  # a layer's name prefix
     mean = sum(per_layer) / len(per_layer)
     return {t: next((v for prefix, v in owner.items() if t.startswith(prefix)), mean) for t in targets}
 
@@ -249,8 +247,9 @@ def apply_osft(lm: nn.Module, ranks: dict[str, int], train_non_targets: bool = T
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name)
         linear = getattr(parent, child)
-        total += min(linear.weight.shape)
-        if k == min(linear.weight.shape):  # r = 0 (or a ratio too small for this matrix): frozen as it is
+        rank = min(linear.weight.shape)
+        total += rank
+        if k == rank:  # r = 0 (or a ratio too small for this matrix): frozen as it is
             linear.weight.requires_grad_(False)
         elif k > 0:  # k == 0 (r = 1): a plain Linear, exactly plain fine-tuning
             module = OSFTLinear.from_linear(linear, k)
