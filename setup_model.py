@@ -148,7 +148,7 @@ def liger_losses(hidden, head, targets, transform, compiled=False) -> Losses:
 
 
 HEAD_LOSSES = {"chunked": chunked_losses, "liger": liger_losses}
-PER_TARGET_LOSSES = {"chunked", "model"}  # the loss paths that give each target's loss (Losses.per_target)
+PER_TARGET_LOSSES = {"auto", "chunked", "model"}  # the --loss choices that give each target's loss (auto runs one)
 
 
 def body(lm: nn.Module) -> nn.Module:

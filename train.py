@@ -228,7 +228,7 @@ def run_training(cfg: TrainConfig, dist, model_config) -> str:
     sampler = build_sampler(cfg, len(data), sources)
     # Per-sample losses: what a sampler that observes sees, the loss quantiles and each source's loss are made of.
     per_sample = sampler.observes or cfg.log_loss_quantiles or len(sources.names) > 1
-    if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES | {"auto"}:  # auto: one of them
+    if per_sample and cfg.loss not in setup_model.PER_TARGET_LOSSES:
         fail(
             f"--sampler {cfg.sampler} / --log-loss-quantiles / several --data-path sources need per-sample losses, "
             f"which --loss {cfg.loss} does not give"

@@ -109,6 +109,22 @@ def test_a_sampler_that_observes_is_drawn_only_after_observing(tmp_path, qwen_di
 # --- per-sample losses in training --------------------------------------------------------------------------------
 
 
+def test_a_loss_without_per_sample_losses_is_refused(qwen_dir, data_path, tmp_path, monkeypatch):
+    """--loss liger gives only the step's summed loss: a sampler that observes is refused in one line before the
+    model loads (`auto` runs chunked or model, which give them: the runs below use it)."""
+    import train
+    from utils import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = train.TrainConfig(
+        model_name_or_path=str(qwen_dir), data_path=str(data_path), output_dir=str(tmp_path / "run"), batch_size=BATCH,
+        max_tokens_per_gpu=CAP_SMALL, max_steps=2, sampler="loss-aware", loss="liger",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"^--sampler loss-aware .* per-sample losses, which --loss liger does not"):
+        train.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 # Both loss paths and both rank counts, each once: the per-sample sums and their all-reduce are the same code for both.
 @pytest.mark.parametrize("nproc, loss", [(1, "model"), (2, "chunked")])
 def test_per_sample_losses_equal_separate_forwards(qwen_dir, data_path, tmp_path, nproc, loss):
