@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process (this one and every launch; set before torch loads): the suite runs two workers, and
+# ranks and "nodes" side by side, on few cores, and torch's idle threads spin while they wait, so oversubscribed they
+# burn the CPU the others need (three 1-rank runs at once on 2 cores: 71 s with the default threads, 18 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny_model  # noqa: E402
 

@@ -145,7 +145,8 @@ def fake_job(tmp_path, signal_batch_script=False, **settings):
         slurm_env(tmp_path, "model", "data.jsonl", tmp_path / "out", "", PYTHON=fake_python, **release, **settings)
     )
     if signal_batch_script:
-        wait_for(tmp_path / "args-0", job)  # the trainers run
+        for node in (0, 1):  # both trainers run (a task still starting would die of the USR1 before its trap)
+            wait_for(tmp_path / f"args-{node}", job)
         job.send_signal(signal.SIGUSR1)
         time.sleep(1.5)  # the script sends it on again every second: a trainer that ignores it stays
         (tmp_path / "release").touch()
