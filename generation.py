@@ -107,6 +107,8 @@ def generate(model, prompts: Prompts, dist) -> list[str]:
 def generate_samples(model, prompts: Prompts, dist, step: int, output_dir: Path, trackers) -> float:
     """Collective: generate, then (rank 0) append the step's lines to generations.jsonl and send them to the
     trackers. Returns the time it took (the validation row's `generation_time`)."""
+    from run_folder import trim_rows
+
     timer = Timer()
     completions = generate(model, prompts, dist)
     seconds = timer.elapsed()
@@ -114,6 +116,9 @@ def generate_samples(model, prompts: Prompts, dist, step: int, output_dir: Path,
         rows = [{"step": step, "prompt": p, "completion": c} for p, c in zip(prompts.texts, completions)]
         path = Path(output_dir) / GENERATIONS_FILE
         try:
+            # A launch killed between these lines and their validation row measures the step again on resume: the
+            # new lines replace the old.
+            trim_rows(path, step - 1, why=f"of step {step}, written before a launch stopped (generated again)")
             with open(path, "a") as f:
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
         except OSError as e:  # a full disk or a vanished folder: the user's to fix, so one line

@@ -251,8 +251,9 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def trim_rows(path: Path, step: int) -> int:
-    """Keep only the rows of steps <= step in a JSONL of rows by step (atomically); returns the number kept."""
+def trim_rows(path: Path, step: int, why: str = "") -> int:
+    """Keep only the rows of steps <= step in a JSONL of rows by step (atomically); returns the number kept. `why`:
+    what the log line calls the rows dropped (by default, those past the resumed step)."""
     if not path.exists():
         return 0
     kept, dropped, unreadable = [], 0, 0
@@ -269,7 +270,7 @@ def trim_rows(path: Path, step: int) -> int:
     if dropped or unreadable:
         write_atomically(path, "".join(line + "\n" for line in kept))
         log(
-            f"{path}: removed {counted(dropped, 'row')} past the resumed step {step}"
+            f"{path}: removed {counted(dropped, 'row')} {why or f'past the resumed step {step}'}"
             + (f" and {counted(unreadable, 'unreadable line')} (a write cut short)" if unreadable else "")
         )
     return len(kept)

@@ -220,6 +220,20 @@ def test_resume_trims_overwrite_deletes_a_failed_launch_restores(runs, qwen_dir,
     assert not (out / "generations.jsonl").exists()
 
 
+def test_samples_killed_before_their_validation_row_are_written_once(runs, qwen_dir, files, tmp_path):
+    """Killed at the end after the last step's samples and before its validation row (its checkpoint saved): the
+    resume at the end measures that step again, and its samples replace the first ones instead of adding a copy."""
+    out = tmp_path / "run"
+    shutil.copytree(runs["one"], out)
+    metrics = out / "training_metrics_0.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1]).keys() >= {"step", "generation_time"} and json.loads(lines[-1])["step"] == STEPS
+    metrics.write_text("".join(lines[:-1]))
+    run_main(*flags(qwen_dir, files[0], out, *generating(files[1]), "--resume"))
+    assert generations(out) == generations(runs["one"])
+    assert json.loads(metrics.read_text().splitlines()[-1]).keys() >= {"step", "generation_time"}  # measured again
+
+
 def test_trackers_get_a_table_and_a_text_per_prompt(tmp_path):
     wandb = pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
